@@ -1,0 +1,199 @@
+//! Where blobs come from. The cache asks a [`Backend`] for a blob's size and
+//! to copy a byte range into the cache file; everything here runs on worker
+//! threads and may block.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A backend failure, split the way GetBlob answers it.
+#[derive(Debug)]
+pub enum BackendError {
+    /// The backend does not have this blob (ENOENT).
+    NotFound,
+    /// The backend's data ended before the requested range did.
+    ShortRead { expected: u64, got: u64 },
+    /// Any other failure, with context (EIO).
+    Io(String, io::Error),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::NotFound => write!(f, "blob not found in the backend"),
+            BackendError::ShortRead { expected, got } => {
+                write!(f, "short read from the backend: {got} of {expected} bytes")
+            }
+            BackendError::Io(ctx, e) => write!(f, "{ctx}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// A blob store the cache fills from. Implementations must be safe to call
+/// from several worker threads at once.
+pub trait Backend: Send + Sync + 'static {
+    /// Maps a client's blob id (already checked against the protocol's
+    /// alphabet) to this backend's canonical name for it, or `None` if the id
+    /// cannot name a blob here (answered with EINVAL).
+    fn canonical_id(&self, id: &str) -> Option<String> {
+        Some(id.to_owned())
+    }
+
+    /// The blob's size in bytes.
+    fn blob_size(&self, id: &str) -> Result<u64, BackendError>;
+
+    /// Copies blob bytes `[offset, offset + len)` into `dst` at the same
+    /// offset. Fails (and the caller marks nothing ready) unless every byte
+    /// was written.
+    fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError>;
+
+    /// A short description for logs.
+    fn describe(&self) -> String;
+}
+
+/// A directory whose regular files are the blobs; the file name is the id.
+pub struct LocalFs {
+    root: PathBuf,
+}
+
+impl LocalFs {
+    pub fn new(root: impl Into<PathBuf>) -> LocalFs {
+        LocalFs { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn open(&self, id: &str) -> Result<File, BackendError> {
+        // `id` passed protocol validation: one path component, not `.`/`..`.
+        let path = self.root.join(id);
+        match File::open(&path) {
+            Ok(f) => {
+                let meta = f
+                    .metadata()
+                    .map_err(|e| BackendError::Io(format!("stat {}", path.display()), e))?;
+                if !meta.is_file() {
+                    return Err(BackendError::NotFound);
+                }
+                Ok(f)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BackendError::NotFound),
+            Err(e) => Err(BackendError::Io(format!("open {}", path.display()), e)),
+        }
+    }
+}
+
+impl Backend for LocalFs {
+    fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+        let f = self.open(id)?;
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(|e| BackendError::Io(format!("stat {id}"), e))
+    }
+
+    fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+        let src = self.open(id)?;
+        copy_range(&src, dst, offset, len)
+    }
+
+    fn describe(&self) -> String {
+        format!("localfs:{}", self.root.display())
+    }
+}
+
+/// Copies `[offset, offset + len)` of `src` to the same range of `dst`, in the
+/// kernel where the file systems allow it (copy_file_range), through a buffer
+/// otherwise.
+pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> Result<(), BackendError> {
+    let mut done = 0u64;
+    let mut use_kernel = true;
+    let mut buf = Vec::new();
+    while done < len {
+        let at = offset + done;
+        let want = (len - done).min(8 << 20) as usize;
+        if use_kernel {
+            let mut off_in = at as i64;
+            let mut off_out = at as i64;
+            match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
+            {
+                Ok(0) => {
+                    return Err(BackendError::ShortRead {
+                        expected: len,
+                        got: done,
+                    })
+                }
+                Ok(n) => {
+                    done += n as u64;
+                    continue;
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(
+                    nix::errno::Errno::EXDEV
+                    | nix::errno::Errno::EINVAL
+                    | nix::errno::Errno::ENOSYS
+                    | nix::errno::Errno::EOPNOTSUPP,
+                ) => {
+                    use_kernel = false;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(BackendError::Io(
+                        format!("copy_file_range at {at}"),
+                        io::Error::from(e),
+                    ))
+                }
+            }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+        }
+        let chunk = want.min(buf.len());
+        let n = match src.read_at(&mut buf[..chunk], at) {
+            Ok(0) => {
+                return Err(BackendError::ShortRead {
+                    expected: len,
+                    got: done,
+                })
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(BackendError::Io(format!("read at {at}"), e)),
+        };
+        dst.write_all_at(&buf[..n], at)
+            .map_err(|e| BackendError::Io(format!("write cache at {at}"), e))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localfs_sizes_reads_and_short_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        std::fs::write(dir.path().join("b1"), &data).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let be = LocalFs::new(dir.path());
+        assert_eq!(be.blob_size("b1").unwrap(), 100_000);
+        assert!(matches!(be.blob_size("nope"), Err(BackendError::NotFound)));
+        assert!(matches!(be.blob_size("sub"), Err(BackendError::NotFound)));
+        let out = tempfile::tempfile().unwrap();
+        out.set_len(100_000).unwrap();
+        be.read_into("b1", 4093, 50_000, &out).unwrap();
+        let mut back = vec![0u8; 50_000];
+        out.read_exact_at(&mut back, 4093).unwrap();
+        assert_eq!(back, data[4093..54_093]);
+        assert!(matches!(
+            be.read_into("b1", 90_000, 20_000, &out),
+            Err(BackendError::ShortRead { .. })
+        ));
+    }
+}

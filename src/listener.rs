@@ -1,0 +1,134 @@
+//! The daemon's listening socket: created with a chosen mode whatever the
+//! umask, never stolen from a daemon that still answers, and removed on drop
+//! only if the path still names the socket this process created.
+
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// A bound, listening, nonblocking Unix socket and the path it lives at.
+pub struct Listener {
+    inner: mio::net::UnixListener,
+    path: PathBuf,
+    ident: (u64, u64),
+}
+
+fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+impl Listener {
+    /// Binds `path` with permission bits `mode`. A socket file nobody answers
+    /// on is replaced; one a live daemon answers on, or any other kind of
+    /// file, is an error.
+    pub fn bind(path: &Path, mode: u32, backlog: i32) -> io::Result<Listener> {
+        match fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                ))
+            }
+            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("a daemon is already serving on {}", path.display()),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    log::info!("replacing stale socket {}", path.display());
+                    fs::remove_file(path).map_err(|e| ctx("remove stale socket", path, e))?;
+                }
+                Err(e) => return Err(ctx("probe existing socket", path, e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx("stat", path, e)),
+        }
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(|e| ctx("create", &parent, e))?;
+        // Bind inside a private directory, fix the mode, then link the
+        // socket into place: it is never reachable with the umask's mode,
+        // and two daemons racing for one path cannot both win.
+        let private = parent.join(format!(".blobmgr-bind-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&private);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(|e| ctx("create", &private, e))?;
+        let tmp = private.join("sock");
+        let result = (|| {
+            let fd = socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )?;
+            let addr = UnixAddr::new(&tmp)?;
+            socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
+                .map_err(|e| ctx("bind", path, e.into()))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                .map_err(|e| ctx("chmod", path, e))?;
+            socket::listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
+            fs::hard_link(&tmp, path).map_err(|e| ctx("link socket to", path, e))?;
+            Ok::<_, io::Error>(fd)
+        })();
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_dir(&private);
+        let fd = result?;
+        let meta = fs::metadata(path).map_err(|e| ctx("stat", path, e))?;
+        let std_listener = std::os::unix::net::UnixListener::from(fd);
+        Ok(Listener {
+            inner: mio::net::UnixListener::from_std(std_listener),
+            path: path.to_path_buf(),
+            ident: (meta.dev(), meta.ino()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn inner(&self) -> &mio::net::UnixListener {
+        &self.inner
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Ok(meta) = fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.ident {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.sock");
+        let l = Listener::bind(&p, 0o600, 128).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let err = Listener::bind(&p, 0o600, 128).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // Dropping the first removes the file; a leftover file from a dead
+        // daemon (simulated by a bound but closed std listener) is replaced.
+        drop(l);
+        assert!(!p.exists());
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        assert!(p.exists());
+        let _l2 = Listener::bind(&p, 0o600, 128).unwrap();
+        fs::write(d.path().join("plain"), b"x").unwrap();
+        assert!(Listener::bind(&d.path().join("plain"), 0o600, 128).is_err());
+    }
+}

@@ -1,0 +1,746 @@
+//! Wire protocol v1: the packed little-endian header, the three request codes,
+//! their replies, and the validation that turns untrusted bytes into typed
+//! messages without ever panicking.
+//!
+//! Decoding is stateless over a byte slice: [`decode_request`] returns a
+//! message only once all its bytes are present, so a caller that keeps the
+//! unconsumed tail resumes exactly where the last read stopped.
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+use std::fmt;
+
+/// Length of every message header.
+pub const HEADER_SIZE: usize = 20;
+/// Largest body a header may announce.
+pub const MAX_BODY_SIZE: u32 = 4096;
+/// Length of the blob id field of a GetBlob request.
+pub const BLOB_ID_FIELD: usize = 256;
+/// Longest blob id (the field must also hold the terminating NUL).
+pub const MAX_BLOB_ID_LEN: usize = BLOB_ID_FIELD - 1;
+/// Body length of a GetBlob request: generation u32 + id [u8; 256].
+pub const GET_BLOB_REQUEST_SIZE: u32 = 4 + BLOB_ID_FIELD as u32;
+/// Body length of a FetchRange request: token, start, count (u64 each).
+pub const FETCH_RANGE_REQUEST_SIZE: u32 = 24;
+/// Body length of a GetBlob reply: token u64, base u64, result u32.
+pub const GET_BLOB_REPLY_SIZE: u32 = 20;
+/// Body length of a FetchRange reply: token u64, count u64, result u32.
+pub const FETCH_RANGE_REPLY_SIZE: u32 = 20;
+/// Longest message of any kind, header included.
+pub const MAX_MESSAGE_SIZE: usize = HEADER_SIZE + MAX_BODY_SIZE as usize;
+
+/// The only protocol version; it lives in flag bits 0-1.
+pub const VERSION: u32 = 1;
+/// Flag bits holding the version.
+pub const FLAG_VERSION_MASK: u32 = 0x3;
+/// Set on every reply.
+pub const FLAG_REPLY: u32 = 0x4;
+/// Set by a requester that wants an answer.
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+/// Every flag bit that is not reserved.
+const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY;
+
+/// FetchRange result: the range is valid.
+pub const FETCH_OK: u32 = 0;
+/// FetchRange result: start past the end, or the backend failed.
+pub const FETCH_FAILED: u32 = 1;
+/// FetchRange result: the token is unknown or from another generation.
+pub const FETCH_GENERATION_MISMATCH: u32 = 2;
+
+/// Request codes. Decoded with `TryFrom<u32>`; unknown values are an error,
+/// never a value of this type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Code {
+    Noop = 0,
+    GetBlob = 1,
+    FetchRange = 2,
+}
+
+impl TryFrom<u32> for Code {
+    type Error = ProtocolError;
+
+    fn try_from(v: u32) -> Result<Self, ProtocolError> {
+        match v {
+            0 => Ok(Code::Noop),
+            1 => Ok(Code::GetBlob),
+            2 => Ok(Code::FetchRange),
+            other => Err(ProtocolError::UnknownCode(other)),
+        }
+    }
+}
+
+impl Code {
+    /// Body length of a request with this code.
+    pub fn request_size(self) -> u32 {
+        match self {
+            Code::Noop => 0,
+            Code::GetBlob => GET_BLOB_REQUEST_SIZE,
+            Code::FetchRange => FETCH_RANGE_REQUEST_SIZE,
+        }
+    }
+
+    /// Body length of a reply with this code.
+    pub fn reply_size(self) -> u32 {
+        match self {
+            Code::Noop => 0,
+            Code::GetBlob => GET_BLOB_REPLY_SIZE,
+            Code::FetchRange => FETCH_RANGE_REPLY_SIZE,
+        }
+    }
+}
+
+/// Why bytes from the peer are not a valid message. Every variant closes the
+/// connection that sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Request code 3 or above.
+    UnknownCode(u32),
+    /// Tag 0 is reserved.
+    ZeroTag,
+    /// The header announces a body longer than [`MAX_BODY_SIZE`].
+    BodyTooLarge(u32),
+    /// Flag bits 0-1 are not 1.
+    BadVersion(u32),
+    /// A reserved flag bit is set (the offending bits).
+    ReservedFlags(u32),
+    /// The body length is not the one its code requires.
+    WrongBodySize { code: Code, expected: u32, got: u32 },
+    /// A reply arrived where a request was expected, or the reverse.
+    UnexpectedDirection { reply: bool },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::UnknownCode(c) => write!(f, "unknown request code {c}"),
+            ProtocolError::ZeroTag => write!(f, "tag 0 is reserved"),
+            ProtocolError::BodyTooLarge(s) => {
+                write!(f, "body size {s} exceeds the limit of {MAX_BODY_SIZE}")
+            }
+            ProtocolError::BadVersion(v) => write!(f, "protocol version {v}, expected {VERSION}"),
+            ProtocolError::ReservedFlags(b) => write!(f, "reserved flag bits {b:#x} set"),
+            ProtocolError::WrongBodySize {
+                code,
+                expected,
+                got,
+            } => write!(f, "{code:?} body of {got} bytes, expected {expected}"),
+            ProtocolError::UnexpectedDirection { reply: true } => {
+                write!(f, "a reply where a request was expected")
+            }
+            ProtocolError::UnexpectedDirection { reply: false } => {
+                write!(f, "a request where a reply was expected")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// A validated header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub tag: u64,
+    pub code: Code,
+    pub flags: u32,
+    pub size: u32,
+}
+
+impl Header {
+    /// Parses and validates the first [`HEADER_SIZE`] bytes of `b`.
+    /// `b` must hold at least that many bytes.
+    pub fn decode(b: &[u8; HEADER_SIZE]) -> Result<Header, ProtocolError> {
+        let tag = LE::read_u64(&b[0..8]);
+        let code = LE::read_u32(&b[8..12]);
+        let flags = LE::read_u32(&b[12..16]);
+        let size = LE::read_u32(&b[16..20]);
+        let code = Code::try_from(code)?;
+        if tag == 0 {
+            return Err(ProtocolError::ZeroTag);
+        }
+        if size > MAX_BODY_SIZE {
+            return Err(ProtocolError::BodyTooLarge(size));
+        }
+        if flags & FLAG_VERSION_MASK != VERSION {
+            return Err(ProtocolError::BadVersion(flags & FLAG_VERSION_MASK));
+        }
+        if flags & !FLAGS_KNOWN != 0 {
+            return Err(ProtocolError::ReservedFlags(flags & !FLAGS_KNOWN));
+        }
+        Ok(Header {
+            tag,
+            code,
+            flags,
+            size,
+        })
+    }
+
+    /// Writes the header into `b`.
+    pub fn encode(&self, b: &mut [u8; HEADER_SIZE]) {
+        LE::write_u64(&mut b[0..8], self.tag);
+        LE::write_u32(&mut b[8..12], self.code as u32);
+        LE::write_u32(&mut b[12..16], self.flags);
+        LE::write_u32(&mut b[16..20], self.size);
+    }
+
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_REPLY != 0
+    }
+
+    pub fn need_reply(&self) -> bool {
+        self.flags & FLAG_NEED_REPLY != 0
+    }
+}
+
+/// A request body, as sent by a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Noop,
+    /// The id field is kept raw: an invalid id is answered with EINVAL, not a
+    /// closed connection, so it is checked later by [`parse_blob_id`].
+    GetBlob {
+        generation: u32,
+        id: [u8; BLOB_ID_FIELD],
+    },
+    FetchRange {
+        token: u64,
+        start: u64,
+        count: u64,
+    },
+}
+
+impl Request {
+    pub fn code(&self) -> Code {
+        match self {
+            Request::Noop => Code::Noop,
+            Request::GetBlob { .. } => Code::GetBlob,
+            Request::FetchRange { .. } => Code::FetchRange,
+        }
+    }
+
+    /// Builds a GetBlob request. Ids longer than [`MAX_BLOB_ID_LEN`] bytes are
+    /// truncated-free rejected by the caller; here the id is copied into a
+    /// zeroed field, so the result is always NUL-terminated.
+    pub fn get_blob(generation: u32, id: &str) -> Option<Request> {
+        let bytes = id.as_bytes();
+        if bytes.len() > MAX_BLOB_ID_LEN {
+            return None;
+        }
+        let mut field = [0u8; BLOB_ID_FIELD];
+        field[..bytes.len()].copy_from_slice(bytes);
+        Some(Request::GetBlob {
+            generation,
+            id: field,
+        })
+    }
+}
+
+/// A message that the decoder produced: its header and its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub header: Header,
+    pub request: Request,
+}
+
+/// Decodes the first request in `buf`.
+///
+/// Returns `Ok(None)` while `buf` holds only part of a message (an invalid
+/// header is reported as soon as its 20 bytes are present, without waiting for
+/// the body), or the message and the number of bytes it used.
+pub fn decode_request(buf: &[u8]) -> Result<Option<(Message, usize)>, ProtocolError> {
+    let Some(hb) = buf.first_chunk::<HEADER_SIZE>() else {
+        return Ok(None);
+    };
+    let header = Header::decode(hb)?;
+    if header.is_reply() {
+        return Err(ProtocolError::UnexpectedDirection { reply: true });
+    }
+    let expected = header.code.request_size();
+    if header.size != expected {
+        return Err(ProtocolError::WrongBodySize {
+            code: header.code,
+            expected,
+            got: header.size,
+        });
+    }
+    let total = HEADER_SIZE + header.size as usize;
+    let Some(body) = buf.get(HEADER_SIZE..total) else {
+        return Ok(None);
+    };
+    let request = match header.code {
+        Code::Noop => Request::Noop,
+        Code::GetBlob => {
+            let mut id = [0u8; BLOB_ID_FIELD];
+            id.copy_from_slice(&body[4..]);
+            Request::GetBlob {
+                generation: LE::read_u32(&body[0..4]),
+                id,
+            }
+        }
+        Code::FetchRange => Request::FetchRange {
+            token: LE::read_u64(&body[0..8]),
+            start: LE::read_u64(&body[8..16]),
+            count: LE::read_u64(&body[16..24]),
+        },
+    };
+    Ok(Some((Message { header, request }, total)))
+}
+
+/// Appends a request with `tag` and `flags` (version added) to `out`.
+pub fn encode_request(out: &mut Vec<u8>, tag: u64, need_reply: bool, req: &Request) {
+    let code = req.code();
+    let flags = VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
+    push_header(out, tag, code, flags, code.request_size());
+    match req {
+        Request::Noop => {}
+        Request::GetBlob { generation, id } => {
+            push_u32(out, *generation);
+            out.extend_from_slice(id);
+        }
+        Request::FetchRange {
+            token,
+            start,
+            count,
+        } => {
+            push_u64(out, *token);
+            push_u64(out, *start);
+            push_u64(out, *count);
+        }
+    }
+}
+
+/// A reply body, as sent by the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Noop,
+    /// When `result` is 0 the reply carries exactly one fd.
+    GetBlob { token: u64, base: u64, result: u32 },
+    FetchRange { token: u64, count: u64, result: u32 },
+}
+
+impl Reply {
+    pub fn code(&self) -> Code {
+        match self {
+            Reply::Noop => Code::Noop,
+            Reply::GetBlob { .. } => Code::GetBlob,
+            Reply::FetchRange { .. } => Code::FetchRange,
+        }
+    }
+
+    /// Whether this reply travels with a file descriptor.
+    pub fn carries_fd(&self) -> bool {
+        matches!(self, Reply::GetBlob { result: 0, .. })
+    }
+}
+
+/// Appends the reply to request `tag` to `out`: header (flags = version |
+/// REPLY, size = the reply body's length) and body.
+pub fn encode_reply(out: &mut Vec<u8>, tag: u64, reply: &Reply) {
+    let code = reply.code();
+    push_header(out, tag, code, VERSION | FLAG_REPLY, code.reply_size());
+    match *reply {
+        Reply::Noop => {}
+        Reply::GetBlob {
+            token,
+            base,
+            result,
+        } => {
+            push_u64(out, token);
+            push_u64(out, base);
+            push_u32(out, result);
+        }
+        Reply::FetchRange {
+            token,
+            count,
+            result,
+        } => {
+            push_u64(out, token);
+            push_u64(out, count);
+            push_u32(out, result);
+        }
+    }
+}
+
+/// Decodes the first reply in `buf`, as [`decode_request`] does for requests.
+pub fn decode_reply(buf: &[u8]) -> Result<Option<(u64, Reply, usize)>, ProtocolError> {
+    let Some(hb) = buf.first_chunk::<HEADER_SIZE>() else {
+        return Ok(None);
+    };
+    let header = Header::decode(hb)?;
+    if !header.is_reply() {
+        return Err(ProtocolError::UnexpectedDirection { reply: false });
+    }
+    let expected = header.code.reply_size();
+    if header.size != expected {
+        return Err(ProtocolError::WrongBodySize {
+            code: header.code,
+            expected,
+            got: header.size,
+        });
+    }
+    let total = HEADER_SIZE + header.size as usize;
+    let Some(body) = buf.get(HEADER_SIZE..total) else {
+        return Ok(None);
+    };
+    let reply = match header.code {
+        Code::Noop => Reply::Noop,
+        Code::GetBlob => Reply::GetBlob {
+            token: LE::read_u64(&body[0..8]),
+            base: LE::read_u64(&body[8..16]),
+            result: LE::read_u32(&body[16..20]),
+        },
+        Code::FetchRange => Reply::FetchRange {
+            token: LE::read_u64(&body[0..8]),
+            count: LE::read_u64(&body[8..16]),
+            result: LE::read_u32(&body[16..20]),
+        },
+    };
+    Ok(Some((header.tag, reply, total)))
+}
+
+fn push_header(out: &mut Vec<u8>, tag: u64, code: Code, flags: u32, size: u32) {
+    let mut b = [0u8; HEADER_SIZE];
+    Header {
+        tag,
+        code,
+        flags,
+        size,
+    }
+    .encode(&mut b);
+    out.extend_from_slice(&b);
+}
+
+fn push_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn push_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Why a GetBlob id is refused (answered with EINVAL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobIdError {
+    Empty,
+    NotTerminated,
+    NotUtf8,
+    BadChar(u8),
+    LeadingDot,
+}
+
+impl fmt::Display for BlobIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobIdError::Empty => write!(f, "empty blob id"),
+            BlobIdError::NotTerminated => write!(f, "blob id not NUL-terminated within 256 bytes"),
+            BlobIdError::NotUtf8 => write!(f, "blob id is not UTF-8"),
+            BlobIdError::BadChar(c) => write!(f, "blob id contains byte {c:#04x}"),
+            BlobIdError::LeadingDot => write!(f, "blob id starts with '.'"),
+        }
+    }
+}
+
+/// Extracts and validates the id of a GetBlob request: non-empty,
+/// NUL-terminated within the field (so at most 255 bytes), made only of
+/// `[A-Za-z0-9._:-]`, not starting with `.`. Such an id is a single path
+/// component that is neither `.` nor `..`, so it can never name a path outside
+/// the directory it is joined to.
+pub fn parse_blob_id(field: &[u8; BLOB_ID_FIELD]) -> Result<&str, BlobIdError> {
+    let len = field
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(BlobIdError::NotTerminated)?;
+    validate_blob_id(&field[..len])
+}
+
+/// Validates an id given as bytes without its terminator (see [`parse_blob_id`]).
+pub fn validate_blob_id(id: &[u8]) -> Result<&str, BlobIdError> {
+    if id.is_empty() {
+        return Err(BlobIdError::Empty);
+    }
+    if id.len() > MAX_BLOB_ID_LEN {
+        return Err(BlobIdError::NotTerminated);
+    }
+    if let Some(&c) = id
+        .iter()
+        .find(|&&c| !(c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-')))
+    {
+        // A byte >= 0x80 is part of a multi-byte sequence or invalid UTF-8;
+        // either way it is outside the allowed alphabet.
+        if c >= 0x80 && std::str::from_utf8(id).is_err() {
+            return Err(BlobIdError::NotUtf8);
+        }
+        return Err(BlobIdError::BadChar(c));
+    }
+    if id[0] == b'.' {
+        return Err(BlobIdError::LeadingDot);
+    }
+    // Only ASCII is left, so this cannot fail.
+    std::str::from_utf8(id).map_err(|_| BlobIdError::NotUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_bytes(tag: u64, code: u32, flags: u32, size: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&code.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(&size.to_le_bytes());
+        v
+    }
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Noop,
+            Request::get_blob(7, "sha256:abc").unwrap(),
+            Request::get_blob(0, &"x".repeat(255)).unwrap(),
+            Request::FetchRange {
+                token: (3 << 32) | 1,
+                start: 4096,
+                count: u64::MAX,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for (i, req) in all_requests().into_iter().enumerate() {
+            let mut buf = Vec::new();
+            encode_request(&mut buf, 100 + i as u64, true, &req);
+            assert_eq!(buf.len(), HEADER_SIZE + req.code().request_size() as usize);
+            let (msg, used) = decode_request(&buf).unwrap().unwrap();
+            assert_eq!(used, buf.len());
+            assert_eq!(msg.request, req);
+            assert_eq!(msg.header.tag, 100 + i as u64);
+            assert!(msg.header.need_reply());
+            assert_eq!(msg.header.size, req.code().request_size());
+            // Every strict prefix is incomplete, never an error.
+            for cut in 0..buf.len() {
+                assert_eq!(decode_request(&buf[..cut]), Ok(None), "cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_reply_round_trips_with_its_own_size() {
+        let replies = [
+            Reply::Noop,
+            Reply::GetBlob {
+                token: 1 << 32 | 5,
+                base: 0,
+                result: 0,
+            },
+            Reply::GetBlob {
+                token: 0,
+                base: 0,
+                result: 2,
+            },
+            Reply::FetchRange {
+                token: 9,
+                count: 12345,
+                result: 1,
+            },
+        ];
+        for r in replies {
+            let mut buf = Vec::new();
+            encode_reply(&mut buf, 42, &r);
+            let hb: &[u8; HEADER_SIZE] = buf[..HEADER_SIZE].try_into().unwrap();
+            let h = Header::decode(hb).unwrap();
+            assert_eq!(h.flags, VERSION | FLAG_REPLY);
+            assert_eq!(h.size as usize, buf.len() - HEADER_SIZE);
+            assert_eq!(h.size, r.code().reply_size());
+            let (tag, back, used) = decode_reply(&buf).unwrap().unwrap();
+            assert_eq!((tag, back, used), (42, r, buf.len()));
+            assert!(decode_request(&buf).is_err(), "a reply is not a request");
+        }
+    }
+
+    #[test]
+    fn byte_level_layout_matches_the_contract() {
+        let mut buf = Vec::new();
+        encode_request(
+            &mut buf,
+            0x0102,
+            true,
+            &Request::FetchRange {
+                token: 0x0000_0001_0000_0002,
+                start: 3,
+                count: 4,
+            },
+        );
+        let expected: Vec<u8> = [
+            &[0x02, 0x01, 0, 0, 0, 0, 0, 0][..],
+            &[2, 0, 0, 0],
+            &[0x09, 0, 0, 0],
+            &[24, 0, 0, 0],
+            &[2, 0, 0, 0, 1, 0, 0, 0],
+            &[3, 0, 0, 0, 0, 0, 0, 0],
+            &[4, 0, 0, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(buf, expected);
+    }
+
+    #[test]
+    fn each_invalid_header_has_its_own_error() {
+        let cases = [
+            (
+                header_bytes(1, 3, 1, 0),
+                ProtocolError::UnknownCode(3),
+            ),
+            (
+                header_bytes(1, u32::MAX, 1, 0),
+                ProtocolError::UnknownCode(u32::MAX),
+            ),
+            (header_bytes(0, 0, 1, 0), ProtocolError::ZeroTag),
+            (
+                header_bytes(1, 0, 1, 4097),
+                ProtocolError::BodyTooLarge(4097),
+            ),
+            (header_bytes(1, 0, 0, 0), ProtocolError::BadVersion(0)),
+            (header_bytes(1, 0, 2, 0), ProtocolError::BadVersion(2)),
+            (header_bytes(1, 0, 3, 0), ProtocolError::BadVersion(3)),
+            (
+                header_bytes(1, 0, 1 | 0x10, 0),
+                ProtocolError::ReservedFlags(0x10),
+            ),
+            (
+                header_bytes(1, 0, 1 | 0x8000_0000, 0),
+                ProtocolError::ReservedFlags(0x8000_0000),
+            ),
+        ];
+        for (bytes, err) in cases {
+            assert_eq!(decode_request(&bytes), Err(err.clone()));
+            assert_eq!(decode_reply(&bytes), Err(err));
+        }
+    }
+
+    #[test]
+    fn wrong_body_sizes_are_rejected() {
+        for (code, good) in [(0u32, 0u32), (1, 260), (2, 24)] {
+            for bad in [0, 1, 20, 23, 24, 25, 259, 260, 261, 4096] {
+                if bad == good {
+                    continue;
+                }
+                let h = header_bytes(5, code, 1 | FLAG_NEED_REPLY, bad);
+                match decode_request(&h) {
+                    Err(ProtocolError::WrongBodySize { expected, got, .. }) => {
+                        assert_eq!((expected, got), (good, bad))
+                    }
+                    other => panic!("code {code} size {bad}: {other:?}"),
+                }
+            }
+        }
+        // The bug of the design we replace: FetchRange announced with 260.
+        let h = header_bytes(5, 2, 1, 260);
+        assert!(matches!(
+            decode_request(&h),
+            Err(ProtocolError::WrongBodySize { .. })
+        ));
+        // A reply with the request's size.
+        let h = header_bytes(5, 2, 1 | FLAG_REPLY, 24);
+        assert!(matches!(
+            decode_reply(&h),
+            Err(ProtocolError::WrongBodySize { .. })
+        ));
+    }
+
+    #[test]
+    fn blob_ids_are_validated() {
+        let field = |s: &[u8]| {
+            let mut f = [0u8; BLOB_ID_FIELD];
+            f[..s.len()].copy_from_slice(s);
+            f
+        };
+        assert_eq!(parse_blob_id(&field(b"blob-1.tar:v2_x")), Ok("blob-1.tar:v2_x"));
+        assert_eq!(parse_blob_id(&field(b"a..b")), Ok("a..b"));
+        assert_eq!(parse_blob_id(&field(&[b'z'; 255])).unwrap().len(), 255);
+        assert_eq!(parse_blob_id(&field(b"")), Err(BlobIdError::Empty));
+        assert_eq!(parse_blob_id(&field(b"../x")), Err(BlobIdError::BadChar(b'/')));
+        assert_eq!(parse_blob_id(&field(b"a/b")), Err(BlobIdError::BadChar(b'/')));
+        assert_eq!(parse_blob_id(&field(b".x")), Err(BlobIdError::LeadingDot));
+        assert_eq!(parse_blob_id(&field(b"..")), Err(BlobIdError::LeadingDot));
+        assert_eq!(parse_blob_id(&field(b".")), Err(BlobIdError::LeadingDot));
+        assert_eq!(parse_blob_id(&field(b"a b")), Err(BlobIdError::BadChar(b' ')));
+        assert_eq!(parse_blob_id(&field(b"\xff\xfe")), Err(BlobIdError::NotUtf8));
+        assert_eq!(
+            parse_blob_id(&field("é".as_bytes())),
+            Err(BlobIdError::BadChar(0xc3))
+        );
+        assert_eq!(
+            parse_blob_id(&[b'a'; BLOB_ID_FIELD]),
+            Err(BlobIdError::NotTerminated)
+        );
+        assert!(Request::get_blob(1, &"y".repeat(256)).is_none());
+    }
+
+    /// A tiny deterministic generator so the property tests need no crate.
+    pub(crate) struct XorShift(pub u64);
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut buf = vec![0u8; 8192];
+        for round in 0..20_000 {
+            let len = (rng.next() % 600) as usize;
+            for b in &mut buf[..len] {
+                *b = rng.next() as u8;
+            }
+            // Make valid-looking headers common so bodies get parsed too.
+            if round % 2 == 0 && len >= HEADER_SIZE {
+                buf[0] |= 1;
+                buf[8..12].copy_from_slice(&((rng.next() % 3) as u32).to_le_bytes());
+                buf[12..16].copy_from_slice(&(1 | (rng.next() as u32 & 0xc)).to_le_bytes());
+                let size = [0u32, 20, 24, 260][(rng.next() % 4) as usize];
+                buf[16..20].copy_from_slice(&size.to_le_bytes());
+            }
+            let mut at = 0;
+            while let Ok(Some((_, used))) = decode_request(&buf[at..len]) {
+                at += used;
+            }
+            let _ = decode_reply(&buf[..len]);
+        }
+    }
+
+    #[test]
+    fn any_split_of_a_pipelined_stream_yields_the_same_messages() {
+        let mut rng = XorShift(12345);
+        let mut stream = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..300u64 {
+            let req = all_requests()[(rng.next() % 4) as usize].clone();
+            encode_request(&mut stream, i + 1, i % 3 != 0, &req);
+            expected.push((i + 1, req));
+        }
+        for _ in 0..50 {
+            // Feed the stream in random chunks, keeping the unconsumed tail.
+            let mut pending = Vec::new();
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = 1 + (rng.next() % 64) as usize;
+                let end = (at + n).min(stream.len());
+                pending.extend_from_slice(&stream[at..end]);
+                at = end;
+                let mut used_total = 0;
+                while let Some((m, used)) = decode_request(&pending[used_total..]).unwrap() {
+                    got.push((m.header.tag, m.request));
+                    used_total += used;
+                }
+                pending.drain(..used_total);
+            }
+            assert!(pending.is_empty());
+            assert_eq!(got, expected);
+        }
+    }
+}

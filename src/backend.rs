@@ -17,6 +17,11 @@ pub enum BackendError {
     ShortRead { expected: u64, got: u64 },
     /// Any other failure, with context (EIO).
     Io(String, io::Error),
+    /// The assembled blob does not match what the backend promised (its
+    /// digest); the cache discards it.
+    Integrity(String),
+    /// The backend did not answer in time.
+    Timeout(String),
 }
 
 impl fmt::Display for BackendError {
@@ -27,6 +32,8 @@ impl fmt::Display for BackendError {
                 write!(f, "short read from the backend: {got} of {expected} bytes")
             }
             BackendError::Io(ctx, e) => write!(f, "{ctx}: {e}"),
+            BackendError::Integrity(s) => write!(f, "integrity check failed: {s}"),
+            BackendError::Timeout(s) => write!(f, "backend timed out: {s}"),
         }
     }
 }
@@ -50,6 +57,19 @@ pub trait Backend: Send + Sync + 'static {
     /// offset. Fails (and the caller marks nothing ready) unless every byte
     /// was written.
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError>;
+
+    /// Checks a completely filled blob (`size` bytes of `data`) against what
+    /// the backend knows of it, e.g. its digest. On error the cache discards
+    /// every granule of the blob. The default trusts the bytes.
+    fn verify(&self, _id: &str, _data: &File, _size: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Whether [`Backend::verify`] does anything; if not, completed blobs
+    /// are not marked verified and nothing is re-checked.
+    fn verifies(&self) -> bool {
+        false
+    }
 
     /// A short description for logs.
     fn describe(&self) -> String;

@@ -29,7 +29,13 @@ pub const DEFAULT_MAX_JOB: u64 = 4 << 20;
 const MAP_MAGIC: &[u8; 8] = b"BLOBMAP\0";
 const MAP_VERSION: u32 = 1;
 const MAP_FLAG_SYNCED: u32 = 1;
+/// The complete blob passed the backend's integrity check.
+const MAP_FLAG_VERIFIED: u32 = 2;
 const MAP_HEADER: usize = 48;
+
+const UNVERIFIED: u8 = 0;
+const VERIFYING: u8 = 1;
+const VERIFIED: u8 = 2;
 
 /// Where and how the cache keeps its files.
 #[derive(Clone, Debug)]
@@ -123,6 +129,7 @@ pub struct Blob {
     ready: Box<[AtomicU64]>,
     map: Mutex<File>,
     boot_id: [u8; 16],
+    verify_state: std::sync::atomic::AtomicU8,
 }
 
 impl fmt::Debug for Blob {
@@ -164,8 +171,10 @@ impl Blob {
             .len();
         let words = words_for(size, cfg.granule);
         let ready: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let mut verified = false;
         match stored {
             Some(m) if m.size == size && len == size => {
+                verified = m.verified;
                 for (w, v) in ready.iter().zip(m.bits) {
                     w.store(v, Ordering::Relaxed);
                 }
@@ -206,6 +215,11 @@ impl Blob {
             ready,
             map: Mutex::new(map),
             boot_id,
+            verify_state: std::sync::atomic::AtomicU8::new(if verified {
+                VERIFIED
+            } else {
+                UNVERIFIED
+            }),
         })
     }
 
@@ -275,12 +289,50 @@ impl Blob {
             // The bytes are valid in memory; only their persistence failed.
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
-        if self.ready_count() == self.granules() {
-            if let Err(e) = self.checkpoint() {
-                log::warn!("blob {}: checkpoint: {e}", self.id);
+        if self.ready_count() < self.granules() {
+            return Ok(());
+        }
+        // The blob is complete. One fill (whichever claims it) checks it
+        // against the backend, once; a mismatch throws the cache away.
+        if backend.verifies()
+            && self
+                .verify_state
+                .compare_exchange(UNVERIFIED, VERIFYING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            if let Err(e) = backend.verify(&self.id, &self.data, self.size) {
+                log::error!("blob {}: {e}; discarding its cache", self.id);
+                self.discard();
+                return Err(e);
             }
+            self.verify_state.store(VERIFIED, Ordering::Release);
+        }
+        if let Err(e) = self.checkpoint() {
+            log::warn!("blob {}: checkpoint: {e}", self.id);
         }
         Ok(())
+    }
+
+    /// Forgets every ready granule and the bytes behind them.
+    fn discard(&self) {
+        for w in self.ready.iter() {
+            w.store(0, Ordering::Release);
+        }
+        self.verify_state.store(UNVERIFIED, Ordering::Release);
+        if let Err(e) = self.persist(false) {
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+        // Punch the bad bytes out; a failure here is harmless since nothing
+        // is marked ready any more.
+        let _ = self
+            .data
+            .set_len(0)
+            .and_then(|_| self.data.set_len(self.size));
+    }
+
+    /// Whether the complete blob passed the backend's integrity check.
+    pub fn is_verified(&self) -> bool {
+        self.verify_state.load(Ordering::Acquire) == VERIFIED
     }
 
     /// Makes everything marked ready durable: data first, then the map,
@@ -304,7 +356,11 @@ impl Blob {
         let mut b = vec![0u8; MAP_HEADER + self.ready.len() * 8 + 4];
         b[0..8].copy_from_slice(MAP_MAGIC);
         LE::write_u32(&mut b[8..12], MAP_VERSION);
-        LE::write_u32(&mut b[12..16], if synced { MAP_FLAG_SYNCED } else { 0 });
+        let mut flags = if synced { MAP_FLAG_SYNCED } else { 0 };
+        if self.is_verified() {
+            flags |= MAP_FLAG_VERIFIED;
+        }
+        LE::write_u32(&mut b[12..16], flags);
         LE::write_u64(&mut b[16..24], self.size);
         LE::write_u64(&mut b[24..32], self.granule);
         b[32..48].copy_from_slice(&self.boot_id);
@@ -327,6 +383,7 @@ fn words_for(size: u64, granule: u64) -> usize {
 struct StoredMap {
     size: u64,
     bits: Vec<u64>,
+    verified: bool,
 }
 
 /// Reads and checks a map file. Anything wrong with it means "nothing is
@@ -388,7 +445,11 @@ fn parse_map(b: &[u8], granule: u64, boot_id: &[u8; 16]) -> Result<StoredMap, St
             *last &= (1u64 << (granules % 64)) - 1;
         }
     }
-    Ok(StoredMap { size, bits })
+    Ok(StoredMap {
+        size,
+        bits,
+        verified: flags & MAP_FLAG_VERIFIED != 0,
+    })
 }
 
 /// The kernel's id of this boot, so a map written without a sync is trusted
@@ -416,7 +477,11 @@ pub fn crc32(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             t[i] = c;
@@ -664,22 +729,40 @@ mod tests {
         let (_d, cfg, be, _) = setup(10 * 4096 + 5, 4096);
         let mut cache: Cache<u32> = Cache::new(cfg.clone());
         let key = cache.insert(Blob::open(&cfg, &be, "b").unwrap());
-        assert_eq!(cache.fetch(key, 10 * 4096 + 5, 1, 0), FetchStart::OutOfRange);
+        assert_eq!(
+            cache.fetch(key, 10 * 4096 + 5, 1, 0),
+            FetchStart::OutOfRange
+        );
         // Granules 0..=10 (11 granules), max job 2 granules: 6 jobs.
         let st = cache.fetch(key, 0, u64::MAX, 1);
-        assert_eq!(st, FetchStart::Waiting { jobs: 6, count: 10 * 4096 + 5 });
+        assert_eq!(
+            st,
+            FetchStart::Waiting {
+                jobs: 6,
+                count: 10 * 4096 + 5
+            }
+        );
         let jobs: Vec<FillJob> = cache.take_new_jobs().collect();
         assert_eq!(jobs.len(), 6);
         // A second asker of an overlapping range waits on the same jobs.
         let st = cache.fetch(key, 4096 * 3 + 1, 4096 * 2, 2);
-        assert_eq!(st, FetchStart::Waiting { jobs: 2, count: 8192 });
+        assert_eq!(
+            st,
+            FetchStart::Waiting {
+                jobs: 2,
+                count: 8192
+            }
+        );
         assert_eq!(cache.take_new_jobs().count(), 0);
         for j in &jobs {
             j.blob.fill(&be, j.g0, j.n).unwrap();
             let w = cache.finish_fill(j.id);
             assert!(w.contains(&1));
         }
-        assert_eq!(cache.fetch(key, 7, 40_000, 3), FetchStart::Ready { count: 40_000 });
+        assert_eq!(
+            cache.fetch(key, 7, 40_000, 3),
+            FetchStart::Ready { count: 40_000 }
+        );
         assert_eq!(cache.fills_in_flight(), 0);
     }
 
@@ -725,7 +808,10 @@ mod tests {
         m[32] ^= 1;
         let crc = crc32(&m[..crc_at]);
         LE::write_u32(&mut m[crc_at..], crc);
-        assert!(parse_map(&m, 4096, &b.boot_id).is_ok(), "synced maps survive reboots");
+        assert!(
+            parse_map(&m, 4096, &b.boot_id).is_ok(),
+            "synced maps survive reboots"
+        );
     }
 
     #[test]
@@ -738,6 +824,9 @@ mod tests {
         let b = Blob::open(&cfg, &be, "b").unwrap();
         assert_eq!(b.size(), 3 * 4096);
         assert!(b.is_ready(0));
-        assert!(matches!(Blob::open(&cfg, &be, "other"), Err(OpenError::NotFound)));
+        assert!(matches!(
+            Blob::open(&cfg, &be, "other"),
+            Err(OpenError::NotFound)
+        ));
     }
 }

@@ -91,7 +91,10 @@ impl Client {
                 }
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "daemon closed the connection"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "daemon closed the connection",
+                ));
             }
             inner.buf.extend_from_slice(&chunk[..n]);
         }
@@ -104,13 +107,26 @@ impl Client {
     }
 
     pub fn get_blob(&self, id: &str) -> io::Result<RemoteBlob> {
-        let req = Request::get_blob(1, id)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "blob id longer than 255 bytes"))?;
+        let req = Request::get_blob(1, id).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "blob id longer than 255 bytes")
+        })?;
         match self.call(&req)? {
-            (Reply::GetBlob { token, base, result: 0 }, Some(fd)) => {
+            (
+                Reply::GetBlob {
+                    token,
+                    base,
+                    result: 0,
+                },
+                Some(fd),
+            ) => {
                 let fd = std::fs::File::from(fd);
                 let size = fd.metadata()?.len().saturating_sub(base);
-                Ok(RemoteBlob { fd, token, base, size })
+                Ok(RemoteBlob {
+                    fd,
+                    token,
+                    base,
+                    size,
+                })
             }
             (Reply::GetBlob { result, .. }, _) => Err(io::Error::from_raw_os_error(result as i32)),
             _ => Err(proto_err("unexpected reply to GetBlob")),
@@ -118,10 +134,21 @@ impl Client {
     }
 
     pub fn fetch_range(&self, blob: &RemoteBlob, start: u64, len: u64) -> io::Result<u64> {
-        let req = Request::FetchRange { token: blob.token, start, count: len };
+        let req = Request::FetchRange {
+            token: blob.token,
+            start,
+            count: len,
+        };
         match self.call(&req)? {
-            (Reply::FetchRange { count, result: 0, .. }, _) => Ok(count),
-            (Reply::FetchRange { result, .. }, _) => Err(io::Error::other(format!("FetchRange failed with result {result}"))),
+            (
+                Reply::FetchRange {
+                    count, result: 0, ..
+                },
+                _,
+            ) => Ok(count),
+            (Reply::FetchRange { result, .. }, _) => Err(io::Error::other(format!(
+                "FetchRange failed with result {result}"
+            ))),
             _ => Err(proto_err("unexpected reply to FetchRange")),
         }
     }

@@ -242,10 +242,7 @@ mod tests {
     fn pair() -> (Connection, std::os::unix::net::UnixStream) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        (
-            Connection::new(UnixStream::from_std(a), Peer::default()),
-            b,
-        )
+        (Connection::new(UnixStream::from_std(a), Peer::default()), b)
     }
 
     #[test]
@@ -257,7 +254,10 @@ mod tests {
         let mut msgs = Vec::new();
         for b in &wire {
             peer.write_all(&[*b]).unwrap();
-            assert_eq!(c.read_messages(&mut scratch, &mut msgs).unwrap(), ReadStatus::Data);
+            assert_eq!(
+                c.read_messages(&mut scratch, &mut msgs).unwrap(),
+                ReadStatus::Data
+            );
         }
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].request, Request::get_blob(3, "abc").unwrap());
@@ -267,7 +267,10 @@ mod tests {
             ReadStatus::WouldBlock
         );
         drop(peer);
-        assert_eq!(c.read_messages(&mut scratch, &mut msgs).unwrap(), ReadStatus::Eof);
+        assert_eq!(
+            c.read_messages(&mut scratch, &mut msgs).unwrap(),
+            ReadStatus::Eof
+        );
     }
 
     #[test]
@@ -276,7 +279,11 @@ mod tests {
         peer.write_all(&[0u8; 20]).unwrap();
         let mut msgs = Vec::new();
         let err = c.read_messages(&mut [0u8; 64], &mut msgs).unwrap_err();
-        assert!(matches!(err, ConnError::Protocol(ProtocolError::UnknownCode(_)) | ConnError::Protocol(ProtocolError::ZeroTag)));
+        assert!(matches!(
+            err,
+            ConnError::Protocol(ProtocolError::UnknownCode(_))
+                | ConnError::Protocol(ProtocolError::ZeroTag)
+        ));
     }
 
     #[test]
@@ -290,7 +297,11 @@ mod tests {
         let mut expected_fds = 0;
         for i in 0..2000u64 {
             if i % 7 == 0 {
-                let r = Reply::GetBlob { token: i, base: 0, result: 0 };
+                let r = Reply::GetBlob {
+                    token: i,
+                    base: 0,
+                    result: 0,
+                };
                 c.queue_reply(i + 1, &r, Some(file.clone()));
                 expected_fds += 1;
             } else {
@@ -305,7 +316,13 @@ mod tests {
             c.flush().unwrap();
             let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(peer.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).unwrap();
+            let msg = recvmsg::<()>(
+                peer.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .unwrap();
             let n = msg.bytes;
             for cmsg in msg.cmsgs().unwrap() {
                 if let ControlMessageOwned::ScmRights(fds) = cmsg {

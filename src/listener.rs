@@ -28,7 +28,10 @@ impl Listener {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                    format!(
+                        "{} exists and is not a socket; refusing to replace it",
+                        path.display()
+                    ),
                 ))
             }
             Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
@@ -118,7 +121,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.sock");
         let l = Listener::bind(&p, 0o600, 128).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let err = Listener::bind(&p, 0o600, 128).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         // Dropping the first removes the file; a leftover file from a dead

@@ -173,7 +173,10 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
                 .map_err(|e| Fail(format!("create backend dir {}: {e}", dir.display())))?;
         }
         if !dir.is_dir() {
-            return Err(Fail(format!("--backend {}: not a directory", dir.display())));
+            return Err(Fail(format!(
+                "--backend {}: not a directory",
+                dir.display()
+            )));
         }
         Arc::new(LocalFs::new(dir))
     };
@@ -258,6 +261,7 @@ fn cat(argv: &[String]) -> Result<(), Fail> {
             .map_err(|e| Fail(format!("write to stdout: {e}")))?;
         at += n as u64;
     }
-    out.flush().map_err(|e| Fail(format!("write to stdout: {e}")))?;
+    out.flush()
+        .map_err(|e| Fail(format!("write to stdout: {e}")))?;
     Ok(())
 }

@@ -192,6 +192,8 @@ impl Header {
 }
 
 /// A request body, as sent by a client.
+// GetBlob's id is kept inline: boxing it would allocate per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Noop,
@@ -217,9 +219,9 @@ impl Request {
         }
     }
 
-    /// Builds a GetBlob request. Ids longer than [`MAX_BLOB_ID_LEN`] bytes are
-    /// truncated-free rejected by the caller; here the id is copied into a
-    /// zeroed field, so the result is always NUL-terminated.
+    /// Builds a GetBlob request, or `None` if `id` is longer than
+    /// [`MAX_BLOB_ID_LEN`] bytes. The id is copied into a zeroed field, so the
+    /// result is always NUL-terminated whatever the id's length.
     pub fn get_blob(generation: u32, id: &str) -> Option<Request> {
         let bytes = id.as_bytes();
         if bytes.len() > MAX_BLOB_ID_LEN {
@@ -313,8 +315,16 @@ pub fn encode_request(out: &mut Vec<u8>, tag: u64, need_reply: bool, req: &Reque
 pub enum Reply {
     Noop,
     /// When `result` is 0 the reply carries exactly one fd.
-    GetBlob { token: u64, base: u64, result: u32 },
-    FetchRange { token: u64, count: u64, result: u32 },
+    GetBlob {
+        token: u64,
+        base: u64,
+        result: u32,
+    },
+    FetchRange {
+        token: u64,
+        count: u64,
+        result: u32,
+    },
 }
 
 impl Reply {
@@ -586,10 +596,7 @@ mod tests {
     #[test]
     fn each_invalid_header_has_its_own_error() {
         let cases = [
-            (
-                header_bytes(1, 3, 1, 0),
-                ProtocolError::UnknownCode(3),
-            ),
+            (header_bytes(1, 3, 1, 0), ProtocolError::UnknownCode(3)),
             (
                 header_bytes(1, u32::MAX, 1, 0),
                 ProtocolError::UnknownCode(u32::MAX),
@@ -654,17 +661,32 @@ mod tests {
             f[..s.len()].copy_from_slice(s);
             f
         };
-        assert_eq!(parse_blob_id(&field(b"blob-1.tar:v2_x")), Ok("blob-1.tar:v2_x"));
+        assert_eq!(
+            parse_blob_id(&field(b"blob-1.tar:v2_x")),
+            Ok("blob-1.tar:v2_x")
+        );
         assert_eq!(parse_blob_id(&field(b"a..b")), Ok("a..b"));
         assert_eq!(parse_blob_id(&field(&[b'z'; 255])).unwrap().len(), 255);
         assert_eq!(parse_blob_id(&field(b"")), Err(BlobIdError::Empty));
-        assert_eq!(parse_blob_id(&field(b"../x")), Err(BlobIdError::BadChar(b'/')));
-        assert_eq!(parse_blob_id(&field(b"a/b")), Err(BlobIdError::BadChar(b'/')));
+        assert_eq!(
+            parse_blob_id(&field(b"../x")),
+            Err(BlobIdError::BadChar(b'/'))
+        );
+        assert_eq!(
+            parse_blob_id(&field(b"a/b")),
+            Err(BlobIdError::BadChar(b'/'))
+        );
         assert_eq!(parse_blob_id(&field(b".x")), Err(BlobIdError::LeadingDot));
         assert_eq!(parse_blob_id(&field(b"..")), Err(BlobIdError::LeadingDot));
         assert_eq!(parse_blob_id(&field(b".")), Err(BlobIdError::LeadingDot));
-        assert_eq!(parse_blob_id(&field(b"a b")), Err(BlobIdError::BadChar(b' ')));
-        assert_eq!(parse_blob_id(&field(b"\xff\xfe")), Err(BlobIdError::NotUtf8));
+        assert_eq!(
+            parse_blob_id(&field(b"a b")),
+            Err(BlobIdError::BadChar(b' '))
+        );
+        assert_eq!(
+            parse_blob_id(&field(b"\xff\xfe")),
+            Err(BlobIdError::NotUtf8)
+        );
         assert_eq!(
             parse_blob_id(&field("é".as_bytes())),
             Err(BlobIdError::BadChar(0xc3))

@@ -218,7 +218,11 @@ impl Server {
         cfg.cache.prepare()?;
         let listener = Listener::bind(&cfg.sock, cfg.sock_mode, 4096)?;
         let pool = WorkerPool::new(cfg.workers)?;
-        registrar.register(listener.inner().as_raw_fd(), LISTENER_ID, Interest::READABLE)?;
+        registrar.register(
+            listener.inner().as_raw_fd(),
+            LISTENER_ID,
+            Interest::READABLE,
+        )?;
         registrar.register(pool.completion_raw_fd(), COMPLETIONS_ID, Interest::READABLE)?;
         log::info!(
             "serving {} on {} (workers {}, granule {} KiB, max {} connections)",
@@ -277,7 +281,10 @@ impl Server {
     /// Runs the reactor until `stop` (if given) becomes readable.
     pub fn run(&mut self, stop: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let mut poll = self.poll.take().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::Unsupported, "server is driven by a host loop")
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "server is driven by a host loop",
+            )
         })?;
         let stop_fd = stop.map(|f| f.as_raw_fd());
         if let Some(fd) = stop_fd {
@@ -483,7 +490,10 @@ impl Server {
             let client = &mut self.conns[key];
             if client.over_limit(&self.cfg) {
                 client.read_paused = true;
-                log::debug!("connection from {}: backpressure, reading paused", client.conn.peer());
+                log::debug!(
+                    "connection from {}: backpressure, reading paused",
+                    client.conn.peer()
+                );
                 return true;
             }
         }
@@ -576,7 +586,15 @@ impl Server {
         self.reply(key, tag, r, fd);
     }
 
-    fn fetch_range(&mut self, key: usize, tag: u64, need: bool, token: u64, start: u64, count: u64) {
+    fn fetch_range(
+        &mut self,
+        key: usize,
+        tag: u64,
+        need: bool,
+        token: u64,
+        start: u64,
+        count: u64,
+    ) {
         let s = &self.conns[key].session;
         let blob = match s.tokens.get(&(token as u32)) {
             Some(&b) if (token >> 32) as u32 == s.generation => b,
@@ -593,12 +611,22 @@ impl Server {
             FetchStart::Ready { count } => {
                 self.stats.fetch_hits += 1;
                 if need {
-                    self.reply(key, tag, fetch_reply(token, count, protocol::FETCH_OK), None);
+                    self.reply(
+                        key,
+                        tag,
+                        fetch_reply(token, count, protocol::FETCH_OK),
+                        None,
+                    );
                 }
             }
             FetchStart::OutOfRange => {
                 if need {
-                    self.reply(key, tag, fetch_reply(token, 0, protocol::FETCH_FAILED), None);
+                    self.reply(
+                        key,
+                        tag,
+                        fetch_reply(token, 0, protocol::FETCH_FAILED),
+                        None,
+                    );
                 }
             }
             FetchStart::Waiting { jobs, count } => {

@@ -80,7 +80,13 @@ pub struct ServerConfig {
     pub max_output: usize,
     /// Open tokens per connection; GetBlob beyond it answers EMFILE.
     pub max_tokens: usize,
+    /// A backend call (open or fill job) running longer than this is
+    /// abandoned: its requests fail and a replacement worker is started.
+    pub backend_timeout: Duration,
 }
+
+/// Default for `--backend-timeout`.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default for `--max-conns`.
 pub const DEFAULT_MAX_CONNS: usize = 16384;
@@ -102,6 +108,7 @@ impl ServerConfig {
             max_inflight: 1024,
             max_output: 1 << 20,
             max_tokens: 4096,
+            backend_timeout: DEFAULT_BACKEND_TIMEOUT,
         }
     }
 }
@@ -117,6 +124,7 @@ pub struct Stats {
     pub fills_started: u64,
     pub fills_failed: u64,
     pub accept_backoffs: u64,
+    pub jobs_timed_out: u64,
 }
 
 /// Per-connection protocol state: the current generation and its tokens.
@@ -194,6 +202,8 @@ pub struct Server {
     msgs: Vec<Message>,
     completions: Vec<Completion<JobOutcome>>,
     accept_paused_until: Option<Instant>,
+    /// When to look for jobs past the backend timeout next.
+    next_expiry: Option<Instant>,
     stats: Stats,
 }
 
@@ -252,6 +262,7 @@ impl Server {
             msgs: Vec::new(),
             completions: Vec::new(),
             accept_paused_until: None,
+            next_expiry: None,
             stats: Stats::default(),
         })
     }
@@ -329,15 +340,52 @@ impl Server {
 
     /// When the host should call [`Server::handle_timeout`] at the latest.
     pub fn next_timeout(&self) -> Option<Duration> {
-        self.accept_paused_until
-            .map(|t| t.saturating_duration_since(Instant::now()))
+        let at = match (self.accept_paused_until, self.next_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        at.map(|t| t.saturating_duration_since(Instant::now()))
     }
 
-    /// Resumes accepting once an fd-exhaustion backoff has passed.
+    /// Resumes accepting once an fd-exhaustion backoff has passed, and fails
+    /// the requests of backend jobs that ran past the backend timeout.
     pub fn handle_timeout(&mut self) {
-        if matches!(self.accept_paused_until, Some(t) if Instant::now() >= t) {
+        let now = Instant::now();
+        if matches!(self.accept_paused_until, Some(t) if now >= t) {
             self.accept_paused_until = None;
             self.handle_incoming_connection();
+        }
+        if matches!(self.next_expiry, Some(t) if now >= t) {
+            self.expire_jobs();
+        }
+    }
+
+    fn expire_jobs(&mut self) {
+        let limit = self.cfg.backend_timeout;
+        let (expired, next) = self.pool.expire(limit);
+        for id in expired {
+            self.stats.jobs_timed_out += 1;
+            log::warn!("backend job {id} still running after {limit:?}; failing its requests");
+            if id & OPEN_JOB != 0 {
+                self.finish_open(Completion { id, result: None });
+            } else {
+                self.finish_fill(Completion { id, result: None });
+            }
+        }
+        // Jobs that start later are checked one timeout from now at the latest.
+        let horizon = Instant::now() + limit;
+        self.next_expiry = if self.pool.busy() {
+            Some(next.map_or(horizon, |n| n.min(horizon)))
+        } else {
+            None
+        };
+        self.flush_dirty();
+    }
+
+    /// Arms the expiry check when the first job of a busy period starts.
+    fn arm_expiry(&mut self) {
+        if self.next_expiry.is_none() {
+            self.next_expiry = Some(Instant::now() + self.cfg.backend_timeout);
         }
     }
 
@@ -559,6 +607,7 @@ impl Server {
         self.pool.submit(job, move || {
             JobOutcome::Opened(Blob::open(&cfg, backend.as_ref(), &id))
         });
+        self.arm_expiry();
     }
 
     /// Replies to a GetBlob whose blob is open: a new token and the fd.
@@ -661,11 +710,16 @@ impl Server {
 
     fn submit_jobs(&mut self) {
         let backend = &self.backend;
+        let mut any = false;
         for job in self.cache.take_new_jobs() {
             let backend = backend.clone();
             self.pool.submit(job.id, move || {
                 JobOutcome::Filled(job.blob.fill(backend.as_ref(), job.g0, job.n))
             });
+            any = true;
+        }
+        if any {
+            self.arm_expiry();
         }
     }
 
@@ -724,6 +778,7 @@ impl Server {
                 log::warn!("fill job {}: {e}", c.id);
                 false
             }
+            // Panicked or timed out (already logged).
             _ => false,
         };
         if !ok {

@@ -3,14 +3,18 @@
 //! completion queue and an eventfd the reactor (or a host loop) watches.
 //!
 //! A job that panics is reported as failed, and its thread goes on serving.
+//! A job that runs past its deadline is abandoned: the caller stops waiting
+//! for it and a replacement thread takes its place, so a hung backend cannot
+//! occupy every worker; the stuck thread retires when its job returns.
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 type Job<T> = Box<dyn FnOnce() -> T + Send + 'static>;
 
@@ -22,21 +26,28 @@ pub struct Completion<T> {
 }
 
 struct Shared<T> {
-    queue: Mutex<Queue<T>>,
+    state: Mutex<State<T>>,
     work: Condvar,
     done: Mutex<Vec<Completion<T>>>,
     wake: EventFd,
 }
 
-struct Queue<T> {
+struct State<T> {
     jobs: VecDeque<(u64, Job<T>)>,
     stopping: bool,
+    /// Jobs being run: id → (worker index, start time).
+    running: HashMap<u64, (usize, Instant)>,
+    /// Workers whose job was abandoned; each retires when its job returns.
+    stuck: HashSet<usize>,
 }
 
-/// A fixed set of threads running submitted closures.
+/// A set of threads running submitted closures.
 pub struct WorkerPool<T: Send + 'static> {
     shared: Arc<Shared<T>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<(usize, JoinHandle<()>)>,
+    size: usize,
+    /// Most replacement threads alive at once.
+    max_stuck: usize,
 }
 
 fn lock<M>(m: &Mutex<M>) -> MutexGuard<'_, M> {
@@ -50,29 +61,41 @@ impl<T: Send + 'static> WorkerPool<T> {
     pub fn new(n: usize) -> io::Result<WorkerPool<T>> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
+            state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 stopping: false,
+                running: HashMap::new(),
+                stuck: HashSet::new(),
             }),
             work: Condvar::new(),
             done: Mutex::new(Vec::new()),
             wake,
         });
-        let mut threads = Vec::new();
-        for i in 0..n.max(1) {
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("blobmgr-worker-{i}"))
-                    .spawn(move || worker_loop(&s))?,
-            );
+        let size = n.max(1);
+        let mut pool = WorkerPool {
+            shared,
+            threads: Vec::new(),
+            size,
+            max_stuck: 4 * size,
+        };
+        for i in 0..size {
+            pool.spawn(i)?;
         }
-        Ok(WorkerPool { shared, threads })
+        Ok(pool)
+    }
+
+    fn spawn(&mut self, index: usize) -> io::Result<()> {
+        let s = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("blobmgr-worker-{index}"))
+            .spawn(move || worker_loop(&s, index))?;
+        self.threads.push((index, t));
+        Ok(())
     }
 
     /// Queues `job`; its completion will carry `id`.
     pub fn submit(&self, id: u64, job: impl FnOnce() -> T + Send + 'static) {
-        lock(&self.shared.queue).jobs.push_back((id, Box::new(job)));
+        lock(&self.shared.state).jobs.push_back((id, Box::new(job)));
         self.shared.work.notify_one();
     }
 
@@ -92,38 +115,94 @@ impl<T: Send + 'static> WorkerPool<T> {
         into.append(&mut lock(&self.shared.done));
     }
 
-    /// Drops every job no thread has started; their completions never come.
-    pub fn cancel_queued(&self) {
-        lock(&self.shared.queue).jobs.clear();
+    /// Abandons every job that has been running longer than `limit`: their
+    /// ids are returned (their completions, if they ever come, must be
+    /// ignored) and a replacement thread is started for each, up to a bound.
+    /// Also returns when the next running job will pass `limit`.
+    pub fn expire(&mut self, limit: Duration) -> (Vec<u64>, Option<Instant>) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut replace = 0;
+        {
+            let mut st = lock(&self.shared.state);
+            let mut newly_stuck = Vec::new();
+            for (&id, &(worker, started)) in st.running.iter() {
+                if st.stuck.contains(&worker) {
+                    continue;
+                }
+                let deadline = started + limit;
+                if deadline <= now {
+                    expired.push(id);
+                    newly_stuck.push(worker);
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+            for w in newly_stuck {
+                if st.stuck.len() < self.max_stuck {
+                    replace += 1;
+                }
+                st.stuck.insert(w);
+            }
+        }
+        for _ in 0..replace {
+            let index = self.threads.iter().map(|(i, _)| *i).max().unwrap_or(0) + 1;
+            if let Err(e) = self.spawn(index) {
+                log::error!("cannot start a replacement worker: {e}");
+            }
+        }
+        // Forget handles of threads that retired.
+        self.threads.retain(|(_, t)| !t.is_finished());
+        (expired, next)
     }
 
-    /// Stops the threads once the queue is empty and waits for them.
+    /// Jobs queued or running.
+    pub fn busy(&self) -> bool {
+        let st = lock(&self.shared.state);
+        !st.jobs.is_empty() || !st.running.is_empty()
+    }
+
+    /// Drops every job no thread has started; their completions never come.
+    pub fn cancel_queued(&self) {
+        lock(&self.shared.state).jobs.clear();
+    }
+
+    /// Stops the threads once the queue is empty and waits for them, except
+    /// for threads stuck in an abandoned job, which are left to finish alone.
     pub fn join(&mut self) {
-        lock(&self.shared.queue).stopping = true;
+        let stuck = {
+            let mut st = lock(&self.shared.state);
+            st.stopping = true;
+            st.stuck.clone()
+        };
         self.shared.work.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        for (i, t) in self.threads.drain(..) {
+            if !stuck.contains(&i) {
+                let _ = t.join();
+            }
         }
     }
 
-    /// Jobs waiting for a thread.
-    pub fn queued(&self) -> usize {
-        lock(&self.shared.queue).jobs.len()
+    /// Number of worker threads that are not stuck.
+    pub fn size(&self) -> usize {
+        self.size
     }
 }
 
-fn worker_loop<T>(s: &Shared<T>) {
+fn worker_loop<T>(s: &Shared<T>, index: usize) {
     loop {
         let (id, job) = {
-            let mut q = lock(&s.queue);
+            let mut st = lock(&s.state);
             loop {
-                if let Some(j) = q.jobs.pop_front() {
-                    break j;
+                if let Some((id, job)) = st.jobs.pop_front() {
+                    st.running.insert(id, (index, Instant::now()));
+                    break (id, job);
                 }
-                if q.stopping {
+                if st.stopping {
                     return;
                 }
-                q = s.work.wait(q).unwrap_or_else(|p| p.into_inner());
+                st = s.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
         let result = panic::catch_unwind(AssertUnwindSafe(job)).ok();
@@ -133,11 +212,16 @@ fn worker_loop<T>(s: &Shared<T>) {
         lock(&s.done).push(Completion { id, result });
         // Cannot fail short of an overflow of the 64-bit counter.
         let _ = s.wake.write(1);
+        let mut st = lock(&s.state);
+        st.running.remove(&id);
+        if st.stuck.remove(&index) {
+            // A replacement took this thread's place while it was stuck.
+            return;
+        }
     }
 }
 
 impl<T: Send + 'static> Drop for WorkerPool<T> {
-    /// Lets queued jobs finish, then joins the threads.
     fn drop(&mut self) {
         self.join();
     }
@@ -151,6 +235,7 @@ mod tests {
     #[test]
     fn completions_arrive_and_panics_are_failures() {
         let pool = WorkerPool::<u64>::new(2).unwrap();
+        assert_eq!(pool.size(), 2);
         for i in 0..100u64 {
             pool.submit(i, move || {
                 if i == 13 {
@@ -173,5 +258,32 @@ mod tests {
                 assert_eq!(c.result, Some(c.id * 2));
             }
         }
+    }
+
+    #[test]
+    fn stuck_jobs_are_abandoned_and_replaced() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        pool.submit(1, move || {
+            let _ = rx.recv();
+            1
+        });
+        // Wait until it runs, then let it pass a tiny deadline.
+        while !pool.busy() {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let (expired, _) = pool.expire(Duration::from_millis(10));
+        assert_eq!(expired, vec![1]);
+        // The only original thread is stuck, yet a new job completes.
+        pool.submit(2, || 2);
+        let mut got = Vec::new();
+        while !got.iter().any(|c: &Completion<u64>| c.id == 2) {
+            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+            pool.take_completions(&mut got);
+        }
+        assert_eq!(pool.expire(Duration::from_millis(10)).0, Vec::<u64>::new());
+        drop(tx);
     }
 }

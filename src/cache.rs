@@ -172,9 +172,11 @@ impl Blob {
         let words = words_for(size, cfg.granule);
         let ready: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
         let mut verified = false;
+        let mut trusted = false;
         match stored {
             Some(m) if m.size == size && len == size => {
                 verified = m.verified;
+                trusted = true;
                 for (w, v) in ready.iter().zip(m.bits) {
                     w.store(v, Ordering::Relaxed);
                 }
@@ -201,7 +203,7 @@ impl Blob {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(!trusted)
             .mode(0o600)
             .custom_flags(nix::libc::O_CLOEXEC)
             .open(&map_path)

@@ -140,6 +140,9 @@ impl Connection {
             if self.partial.is_empty() {
                 // An idle connection keeps no input buffer.
                 self.partial = Vec::new();
+            } else if self.partial.capacity() > 2 * protocol::MAX_MESSAGE_SIZE {
+                // What is left is less than one message.
+                self.partial.shrink_to(protocol::MAX_MESSAGE_SIZE);
             }
         }
         Ok(ReadStatus::Data)

@@ -40,6 +40,9 @@ const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Read buffer lent to every connection in turn.
 const SCRATCH_SIZE: usize = 64 * 1024;
+/// Reads one readiness event may do before the connection goes to the back
+/// of the line, so one busy client cannot starve the others.
+const READ_BUDGET: usize = 16;
 
 /// Where a host registers the server's fds. Ids are opaque to the host: it
 /// passes them back to [`Server::dispatch`] when the fd is ready. The server
@@ -204,6 +207,9 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     /// When to look for jobs past the backend timeout next.
     next_expiry: Option<Instant>,
+    /// Connections that used up their read budget with input maybe left;
+    /// served again before the next wait (no new edge would report them).
+    backlog: Vec<usize>,
     stats: Stats,
 }
 
@@ -263,6 +269,7 @@ impl Server {
             completions: Vec::new(),
             accept_paused_until: None,
             next_expiry: None,
+            backlog: Vec::new(),
             stats: Stats::default(),
         })
     }
@@ -338,8 +345,12 @@ impl Server {
         }
     }
 
-    /// When the host should call [`Server::handle_timeout`] at the latest.
+    /// When the host should call [`Server::handle_timeout`] at the latest
+    /// (zero: at once, before waiting for events).
     pub fn next_timeout(&self) -> Option<Duration> {
+        if !self.backlog.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let at = match (self.accept_paused_until, self.next_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -350,6 +361,9 @@ impl Server {
     /// Resumes accepting once an fd-exhaustion backoff has passed, and fails
     /// the requests of backend jobs that ran past the backend timeout.
     pub fn handle_timeout(&mut self) {
+        for id in std::mem::take(&mut self.backlog) {
+            self.handle_event(id);
+        }
         let now = Instant::now();
         if matches!(self.accept_paused_until, Some(t) if now >= t) {
             self.accept_paused_until = None;
@@ -487,8 +501,9 @@ impl Server {
     /// Reads, answers and writes until the connection would block, resuming
     /// reads whenever writing clears backpressure.
     fn serve(&mut self, key: usize) {
+        let mut budget = READ_BUDGET;
         loop {
-            if !self.read_requests(key) {
+            if !self.read_requests(key, &mut budget) {
                 return;
             }
             self.submit_jobs();
@@ -509,14 +524,20 @@ impl Server {
         false
     }
 
-    /// Reads until the socket would block or backpressure stops it. Returns
-    /// false if the connection was closed.
-    fn read_requests(&mut self, key: usize) -> bool {
+    /// Reads until the socket would block, backpressure stops it or the
+    /// budget is spent. Returns false if the connection was closed.
+    fn read_requests(&mut self, key: usize, budget: &mut usize) -> bool {
         loop {
             let client = &mut self.conns[key];
             if client.read_paused {
                 return true;
             }
+            if *budget == 0 {
+                // A duplicate entry costs one EAGAIN read at most.
+                self.backlog.push(client.generation << KEY_BITS | key);
+                return true;
+            }
+            *budget -= 1;
             self.msgs.clear();
             match client.conn.read_messages(&mut self.scratch, &mut self.msgs) {
                 Ok(ReadStatus::Data) => {}

@@ -16,6 +16,7 @@ pub mod client;
 pub mod connection;
 pub mod listener;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 pub mod worker;
 

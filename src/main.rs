@@ -2,6 +2,7 @@
 
 use blobmgr::backend::{Backend, LocalFs};
 use blobmgr::client::Client;
+use blobmgr::registry::{Registry, RegistryOptions};
 use blobmgr::{Server, ServerConfig};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -17,14 +18,22 @@ const DEFAULT_BACKEND: &str = "blobs";
 
 const USAGE: &str = "\
 usage:
-  blobmgr serve [--sock PATH] [--workdir DIR] [--backend DIR] [--workers N]
+  blobmgr serve [--sock PATH] [--workdir DIR] [--backend DIR|URL] [--workers N]
                 [--max-conns N] [--granule BYTES] [--sock-mode OCTAL]
-                [--allow-uid UID]...
+                [--allow-uid UID]... [--backend-timeout SECS]
+                [--registry-user NAME] [--registry-password-file PATH]
+                [--backend-retries N]
   blobmgr ping [--sock PATH]
   blobmgr cat [--sock PATH] BLOB_ID [--offset N] [--length N]
 
 defaults: --sock .blobmgr/blobmgr.sock, --workdir .blobmgr/work,
           --backend blobs (relative to the current directory)
+registry: --backend http(s)://HOST[:PORT]/REPOSITORY serves that repository's
+          blobs by digest (sha256:HEX or HEX); the password is read from
+          --registry-password-file or $BLOBMGR_REGISTRY_PASSWORD, never from
+          the command line; an HTTP request gets at most 30 s (less when
+          --backend-timeout is shorter) and is retried --backend-retries
+          times (default 3) while the call's --backend-timeout allows
 logging:  RUST_LOG=info|debug|...";
 
 /// A command-line error or a runtime failure, printed as one line.
@@ -133,6 +142,10 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
             "granule",
             "sock-mode",
             "allow-uid",
+            "registry-user",
+            "registry-password-file",
+            "backend-timeout",
+            "backend-retries",
         ],
     )?;
     if let Some(p) = a.positional.first() {
@@ -155,6 +168,14 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| Fail(format!("--sock-mode: {m:?} is not an octal mode")))?;
     }
+    if let Some(secs) = a.num::<f64>("backend-timeout")? {
+        if !(secs > 0.0 && secs < 1e9) {
+            return Err(Fail(format!(
+                "--backend-timeout: {secs} is not a positive number of seconds"
+            )));
+        }
+        cfg.backend_timeout = std::time::Duration::from_secs_f64(secs);
+    }
     for uid in a.all("allow-uid") {
         let uid = uid
             .parse()
@@ -163,10 +184,13 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
     }
     let backend_arg = a.get("backend").unwrap_or(DEFAULT_BACKEND);
     let backend: Arc<dyn Backend> = if backend_arg.contains("://") {
-        return Err(Fail(format!(
-            "--backend {backend_arg}: registry backends are not supported by this build"
-        )));
+        Arc::new(registry_backend(backend_arg, &a, cfg.backend_timeout)?)
     } else {
+        for opt in ["registry-user", "registry-password-file", "backend-retries"] {
+            if a.get(opt).is_some() {
+                return Err(Fail(format!("--{opt} needs a registry URL as --backend")));
+            }
+        }
         let dir = PathBuf::from(backend_arg);
         if a.get("backend").is_none() && !dir.exists() {
             std::fs::create_dir_all(&dir)
@@ -198,6 +222,52 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Environment variable that may hold the registry password.
+const PASSWORD_ENV: &str = "BLOBMGR_REGISTRY_PASSWORD";
+
+/// `--backend http(s)://HOST[:PORT]/REPOSITORY` and its options.
+fn registry_backend(
+    url: &str,
+    a: &Args,
+    call_timeout: std::time::Duration,
+) -> Result<Registry, Fail> {
+    let mut opts = RegistryOptions::default();
+    // A backend call and its retries end before the server gives up on it,
+    // so the requests waiting on it get the backend's own error.
+    let margin = (call_timeout / 10).min(std::time::Duration::from_secs(1));
+    opts.call_budget = Some(call_timeout - margin);
+    opts.timeout = opts.timeout.min(call_timeout);
+    if let Some(n) = a.num("backend-retries")? {
+        opts.retries = n;
+    }
+    let password = match a.get("registry-password-file") {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Fail(format!("--registry-password-file {path}: {e}")))?;
+            let pw = text.strip_suffix('\n').unwrap_or(&text);
+            Some(pw.strip_suffix('\r').unwrap_or(pw).to_string())
+        }
+        None => std::env::var(PASSWORD_ENV).ok(),
+    };
+    opts.credentials = match (a.get("registry-user"), password) {
+        (Some(user), Some(pw)) => Some((user.to_string(), pw)),
+        (Some(_), None) => {
+            return Err(Fail(format!(
+                "--registry-user needs a password: --registry-password-file PATH or ${PASSWORD_ENV}"
+            )))
+        }
+        (None, _) if a.get("registry-password-file").is_some() => {
+            return Err(Fail(
+                "--registry-password-file needs --registry-user".into(),
+            ))
+        }
+        (None, _) => None,
+    };
+    let reg = Registry::new(url, opts).map_err(|e| Fail(format!("--backend {e}")))?;
+    log::info!("backend {}", reg.describe());
+    Ok(reg)
+}
+
 /// Lifts the soft fd limit to the hard one: each client costs an fd.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -210,16 +280,24 @@ fn raise_fd_limit() {
     }
 }
 
+/// The CLI's client: one command, so no reconnect retries beyond one.
+fn cli_client(sock: &std::path::Path) -> Result<Client, Fail> {
+    Client::builder()
+        .connect_retries(1)
+        .connect(sock)
+        .map_err(Fail::from)
+}
+
 fn ping(argv: &[String]) -> Result<(), Fail> {
     let a = Args::parse(argv, &["sock"])?;
     if let Some(p) = a.positional.first() {
         return Err(Fail(format!("unexpected argument {p:?}")));
     }
     let sock = a.sock();
-    let client = Client::connect(&sock).map_err(|e| Fail(format!("{}: {e}", sock.display())))?;
+    let client = cli_client(&sock)?;
     let rtt = client
         .ping()
-        .map_err(|e| Fail(format!("ping {}: {e}", sock.display())))?;
+        .map_err(|e| Fail(format!("ping: {e}")))?;
     println!("ok {} us", rtt.as_micros());
     Ok(())
 }
@@ -230,19 +308,19 @@ fn cat(argv: &[String]) -> Result<(), Fail> {
         return Err(Fail("cat needs exactly one BLOB_ID".into()));
     };
     let sock = a.sock();
-    let client = Client::connect(&sock).map_err(|e| Fail(format!("{}: {e}", sock.display())))?;
+    let client = cli_client(&sock)?;
     let blob = client
         .get_blob(id)
         .map_err(|e| Fail(format!("GetBlob {id}: {e}")))?;
     let offset: u64 = a.num("offset")?.unwrap_or(0);
     let end = match a.num::<u64>("length")? {
-        Some(len) => offset.saturating_add(len).min(blob.size),
-        None => blob.size,
+        Some(len) => offset.saturating_add(len).min(blob.size()),
+        None => blob.size(),
     };
-    if offset > blob.size {
+    if offset > blob.size() {
         return Err(Fail(format!(
             "--offset {offset} is past the end of {id} ({} bytes)",
-            blob.size
+            blob.size()
         )));
     }
     let stdout = io::stdout();

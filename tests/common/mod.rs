@@ -216,12 +216,17 @@ impl Raw {
             let mut chunk = [0u8; 8192];
             let mut space = nix::cmsg_space!([RawFd; 8]);
             let mut iov = [IoSliceMut::new(&mut chunk)];
-            let msg = recvmsg::<()>(
+            let msg = match recvmsg::<()>(
                 self.sock.as_raw_fd(),
                 &mut iov,
                 Some(&mut space),
                 MsgFlags::MSG_CMSG_CLOEXEC,
-            )?;
+            ) {
+                // With a receive timeout set, the kernel does not restart
+                // recvmsg after a signal.
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => r?,
+            };
             let n = msg.bytes;
             for c in msg.cmsgs()? {
                 if let ControlMessageOwned::ScmRights(fds) = c {
@@ -330,4 +335,153 @@ impl Rng {
 pub fn sha256(data: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(data).to_vec()
+}
+
+// ---- Added for tests/hardening.rs, tests/soak.rs and tests/fuzz_decoder.rs ----
+
+impl Daemon {
+    /// Like [`Daemon::start`] but without starting the process: the caller
+    /// may change the paths (e.g. put `workdir` on a mount) and then call
+    /// [`Daemon::spawn`] or [`Daemon::spawn_with_umask`].
+    pub fn prepare(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = dir.path().join("be");
+        std::fs::create_dir(&backend).expect("mkdir be");
+        Daemon {
+            child: None,
+            sock: dir.path().join("blobmgr.sock"),
+            workdir: dir.path().join("work"),
+            backend,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: dir.path().join("daemon.log"),
+            dir: Some(dir),
+        }
+    }
+
+    /// Starts the process through `sh -c 'umask UMASK; exec blobmgr serve …'`
+    /// (the umask is process-wide, so it is not set in the test process), and
+    /// waits until it answers.
+    pub fn spawn_with_umask(&mut self, umask: u32) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+            .arg(bin())
+            .arg("serve")
+            .arg("--sock")
+            .arg(&self.sock)
+            .arg("--workdir")
+            .arg(&self.workdir)
+            .arg("--backend")
+            .arg(&self.backend)
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sh");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits up to `wait` for the daemon's log to contain `needle`.
+    pub fn wait_log(&self, needle: &str, wait: Duration) -> bool {
+        wait_until(wait, || self.log_text().contains(needle))
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true or `wait` has passed.
+pub fn wait_until(wait: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Raw {
+    /// Like [`Raw::connect`], but returns the error instead of panicking.
+    pub fn try_connect(path: &Path) -> io::Result<Raw> {
+        let sock = UnixStream::connect(path)?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Raw {
+            sock,
+            buf: Vec::new(),
+            fds: Vec::new(),
+            next_tag: 1,
+        })
+    }
+
+    /// Like [`Raw::call`], but every failure (send, EOF, timeout, garbage, a
+    /// reply to another tag) is an error instead of a panic.
+    pub fn try_call(&mut self, req: &Request) -> io::Result<Reply> {
+        let tag = self.tag();
+        let mut out = Vec::new();
+        protocol::encode_request(&mut out, tag, true, req);
+        self.sock.write_all(&out)?;
+        let (t, r) = self.recv()?;
+        if t != tag {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply to tag {t}, expected {tag}"),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// GetBlob without panics: (token, result, fd).
+    pub fn try_get_blob(
+        &mut self,
+        generation: u32,
+        id: &str,
+    ) -> io::Result<(u64, u32, Option<OwnedFd>)> {
+        let before = self.fds.len();
+        let req = Request::get_blob(generation, id).expect("id fits");
+        match self.try_call(&req)? {
+            Reply::GetBlob { token, result, .. } => {
+                let fd = if self.fds.len() > before {
+                    Some(self.fds.remove(before))
+                } else {
+                    None
+                };
+                Ok((token, result, fd))
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// FetchRange without panics: (count, result).
+    pub fn try_fetch(&mut self, token: u64, start: u64, count: u64) -> io::Result<(u64, u32)> {
+        match self.try_call(&Request::FetchRange {
+            token,
+            start,
+            count,
+        })? {
+            Reply::FetchRange {
+                count,
+                result,
+                token: t,
+            } if t == token => Ok((count, result)),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
 }

@@ -45,6 +45,10 @@ pub struct CacheConfig {
     pub granule: u64,
     /// Largest fill job in bytes (a multiple of the granule).
     pub max_job: u64,
+    /// Most bytes of blob data to keep; past it, the least recently used
+    /// blobs that no connection holds a token for are deleted. `None`: no
+    /// limit.
+    pub limit: Option<u64>,
 }
 
 impl CacheConfig {
@@ -53,6 +57,7 @@ impl CacheConfig {
             workdir: workdir.into(),
             granule: DEFAULT_GRANULE,
             max_job: DEFAULT_MAX_JOB,
+            limit: None,
         }
     }
 
@@ -483,6 +488,40 @@ fn current_boot_id() -> [u8; 16] {
     id
 }
 
+/// Every regular file of the data dir: (id, allocated bytes, mtime).
+fn scan_data_dir(dir: &Path) -> Vec<(String, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let meta = e.metadata().ok()?;
+            let id = e.file_name().into_string().ok()?;
+            meta.is_file()
+                .then(|| (id, meta.blocks() * 512, meta.mtime()))
+        })
+        .collect()
+}
+
+/// Deletes the files of blob `id` (an eviction). Runs on a worker.
+pub fn remove_blob_files(cfg: &CacheConfig, id: &str) -> io::Result<()> {
+    for path in [cfg.map_dir().join(id), cfg.data_dir().join(id)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("remove {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CRC-32 (IEEE), bytewise with a table built at compile time.
 pub fn crc32(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
@@ -540,6 +579,19 @@ struct OpenBlob {
     blob: Arc<Blob>,
     /// In-flight fills by first granule: (granule count, job).
     inflight: BTreeMap<u64, (u64, JobId)>,
+    /// Tokens on live connections that name this blob.
+    refs: usize,
+    /// Logical time of the last GetBlob or FetchRange.
+    last_used: u64,
+    /// Bytes of data counted against the limit.
+    bytes: u64,
+}
+
+/// A blob whose files are in the work dir but that no client opened since
+/// the daemon started.
+struct ColdBlob {
+    bytes: u64,
+    last_used: u64,
 }
 
 struct Job<W> {
@@ -554,7 +606,13 @@ struct Job<W> {
 pub struct Cache<W> {
     cfg: Arc<CacheConfig>,
     by_id: HashMap<String, BlobKey>,
-    blobs: Vec<OpenBlob>,
+    blobs: slab::Slab<OpenBlob>,
+    cold: HashMap<String, ColdBlob>,
+    /// Data bytes of every blob, open or cold.
+    used: u64,
+    clock: u64,
+    /// Ids whose files are to be deleted (see [`Cache::take_evictions`]).
+    evicted: Vec<String>,
     next_job: JobId,
     jobs: HashMap<JobId, Job<W>>,
     /// Fill jobs decided but not yet handed to the pool.
@@ -564,11 +622,36 @@ pub struct Cache<W> {
 }
 
 impl<W> Cache<W> {
+    /// The reactor's cache over `cfg.workdir`. With a limit, the blobs
+    /// already on disk are counted (one directory scan, before serving).
     pub fn new(cfg: Arc<CacheConfig>) -> Cache<W> {
+        let mut cold = HashMap::new();
+        let mut used = 0;
+        let mut clock = 0;
+        if cfg.limit.is_some() {
+            let mut found = scan_data_dir(&cfg.data_dir());
+            // Oldest first: their logical time is their rank.
+            found.sort_by_key(|(_, _, mtime)| *mtime);
+            for (id, bytes, _) in found {
+                used += bytes;
+                clock += 1;
+                cold.insert(
+                    id,
+                    ColdBlob {
+                        bytes,
+                        last_used: clock,
+                    },
+                );
+            }
+        }
         Cache {
             cfg,
             by_id: HashMap::new(),
-            blobs: Vec::new(),
+            blobs: slab::Slab::new(),
+            cold,
+            used,
+            clock,
+            evicted: Vec::new(),
             next_job: 1,
             jobs: HashMap::new(),
             new_jobs: Vec::new(),
@@ -595,18 +678,109 @@ impl<W> Cache<W> {
         if let Some(&k) = self.by_id.get(blob.id()) {
             return k;
         }
-        let key = self.blobs.len();
-        self.by_id.insert(blob.id.clone(), key);
-        self.blobs.push(OpenBlob {
+        if let Some(c) = self.cold.remove(blob.id()) {
+            self.used -= c.bytes;
+        }
+        let bytes = (blob.ready_count() * blob.granule_size()).min(blob.size());
+        self.used += bytes;
+        self.clock += 1;
+        let id = blob.id.clone();
+        let key = self.blobs.insert(OpenBlob {
             blob: Arc::new(blob),
             inflight: BTreeMap::new(),
+            refs: 0,
+            last_used: self.clock,
+            bytes,
         });
+        self.by_id.insert(id, key);
         key
+    }
+
+    /// A blob on disk is being opened: it stops being an eviction candidate
+    /// (its bytes are counted again by [`Cache::insert`]).
+    pub fn forget_cold(&mut self, id: &str) {
+        if let Some(c) = self.cold.remove(id) {
+            self.used -= c.bytes;
+        }
+    }
+
+    /// A token naming `key` was handed out; the blob is not evicted while
+    /// any is held.
+    pub fn acquire(&mut self, key: BlobKey) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            ob.refs += 1;
+        }
+    }
+
+    /// A token naming `key` was dropped.
+    pub fn release(&mut self, key: BlobKey) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            ob.refs = ob.refs.saturating_sub(1);
+        }
+    }
+
+    /// Data bytes counted against the limit.
+    pub fn used_bytes(&self) -> u64 {
+        self.used
+    }
+
+    /// Ids whose files must be deleted, chosen since the last call. Until
+    /// the deletion is done, the caller must not open these ids again.
+    pub fn take_evictions(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// While over the limit, evicts the least recently used blobs nobody
+    /// holds (no token on a live connection, no fill in flight), down to 90%
+    /// of the limit. Clients that still hold an evicted blob's fd keep
+    /// reading its bytes: the files are unlinked, not overwritten.
+    fn enforce_limit(&mut self) {
+        let Some(limit) = self.cfg.limit else {
+            return;
+        };
+        if self.used <= limit {
+            return;
+        }
+        let target = limit - limit / 10;
+        while self.used > target {
+            let open = self
+                .blobs
+                .iter()
+                .filter(|(_, b)| b.refs == 0 && b.inflight.is_empty())
+                .min_by_key(|(_, b)| b.last_used)
+                .map(|(k, b)| (b.last_used, Some(k), b.blob.id().to_owned()));
+            let cold = self
+                .cold
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(id, c)| (c.last_used, None, id.clone()));
+            let victim = match (open, cold) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let Some((_, key, id)) = victim else {
+                log::warn!(
+                    "cache holds {} bytes, over its limit of {limit}, but every blob is in use",
+                    self.used
+                );
+                return;
+            };
+            let bytes = match key {
+                Some(k) => {
+                    self.by_id.remove(&id);
+                    self.blobs.remove(k).bytes
+                }
+                None => self.cold.remove(&id).map_or(0, |c| c.bytes),
+            };
+            self.used -= bytes;
+            log::info!("evicting blob {id} ({bytes} bytes) to stay under the cache limit");
+            self.evicted.push(id);
+        }
     }
 
     /// Every open blob, for checkpoints at shutdown.
     pub fn all_blobs(&self) -> impl Iterator<Item = &Arc<Blob>> {
-        self.blobs.iter().map(|b| &b.blob)
+        self.blobs.iter().map(|(_, b)| &b.blob)
     }
 
     /// Starts a FetchRange of `[start, start + count)` on `key`. Missing
@@ -619,6 +793,8 @@ impl<W> Cache<W> {
         let Some(ob) = self.blobs.get_mut(key) else {
             return FetchStart::OutOfRange;
         };
+        self.clock += 1;
+        ob.last_used = self.clock;
         let blob = &ob.blob;
         let size = blob.size();
         if start >= size {
@@ -700,13 +876,21 @@ impl<W> Cache<W> {
 
     /// Records that fill `job` finished; returns its waiters. On failure
     /// nothing was marked ready and the granules may be asked for again.
-    pub fn finish_fill(&mut self, job: JobId) -> Vec<W> {
+    pub fn finish_fill(&mut self, job: JobId, ok: bool) -> Vec<W> {
         let Some(j) = self.jobs.remove(&job) else {
             return Vec::new();
         };
         if let Some(ob) = self.blobs.get_mut(j.blob) {
-            ob.inflight.remove(&j.g0);
+            if let Some((n, _)) = ob.inflight.remove(&j.g0) {
+                if ok {
+                    let g = ob.blob.granule_size();
+                    let bytes = ((j.g0 + n) * g).min(ob.blob.size()) - j.g0 * g;
+                    ob.bytes += bytes;
+                    self.used += bytes;
+                }
+            }
         }
+        self.enforce_limit();
         j.waiters
     }
 
@@ -771,7 +955,7 @@ mod tests {
         assert_eq!(cache.take_new_jobs().count(), 0);
         for j in &jobs {
             j.blob.fill(&be, j.g0, j.n).unwrap();
-            let w = cache.finish_fill(j.id);
+            let w = cache.finish_fill(j.id, true);
             assert!(w.contains(&1));
         }
         assert_eq!(

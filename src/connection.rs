@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{self, ControlMessage, MsgFlags};
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -87,6 +87,9 @@ pub struct Connection {
     out_fds: VecDeque<(usize, Arc<OwnedFd>)>,
     /// Whether the socket is currently registered for WRITABLE.
     pub(crate) write_registered: bool,
+    /// The last read emptied the receive queue: it returned less than the
+    /// buffer and stopped at no fd-carrying message.
+    drained: bool,
 }
 
 impl Connection {
@@ -99,6 +102,7 @@ impl Connection {
             out_pos: 0,
             out_fds: VecDeque::new(),
             write_registered: false,
+            drained: false,
         }
     }
 
@@ -117,17 +121,24 @@ impl Connection {
         scratch: &mut [u8],
         msgs: &mut Vec<Message>,
     ) -> Result<ReadStatus, ConnError> {
-        let n = loop {
-            match self.stream.read(scratch) {
-                Ok(0) => return Ok(ReadStatus::Eof),
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(ReadStatus::WouldBlock)
-                }
-                Err(e) => return Err(ConnError::Io(e)),
+        // recvmsg without a control buffer: like read(2) (fds sent to us
+        // are discarded by the kernel), but MSG_CTRUNC tells when the read
+        // stopped at a message that carried fds, with more bytes behind it.
+        self.drained = false;
+        let (n, flags) = loop {
+            let mut iov = [IoSliceMut::new(scratch)];
+            match socket::recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, None, MsgFlags::empty())
+            {
+                Ok(m) if m.bytes == 0 => return Ok(ReadStatus::Eof),
+                Ok(m) => break (m.bytes, m.flags),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(ReadStatus::WouldBlock),
+                Err(e) => return Err(ConnError::Io(e.into())),
             }
         };
+        // A stream read returns less than asked only once the queue is
+        // empty (or at an fd-carrying message, or at an out-of-band mark).
+        self.drained = n < scratch.len() && !flags.contains(MsgFlags::MSG_CTRUNC);
         if self.partial.is_empty() {
             let used = decode_all(&scratch[..n], msgs)?;
             if used < n {
@@ -146,6 +157,14 @@ impl Connection {
             }
         }
         Ok(ReadStatus::Data)
+    }
+
+    /// Whether the last [`Connection::read_messages`] that returned
+    /// [`ReadStatus::Data`] emptied the socket's receive queue. With
+    /// edge-triggered readiness, bytes that arrive later bring a new edge,
+    /// so the caller may skip the read that would only return WouldBlock.
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Queues `reply` to request `tag`; `fd` must be given exactly when the

@@ -20,7 +20,7 @@ const USAGE: &str = "\
 usage:
   blobmgr serve [--sock PATH] [--workdir DIR] [--backend DIR|URL] [--workers N]
                 [--max-conns N] [--granule BYTES] [--sock-mode OCTAL]
-                [--allow-uid UID]... [--backend-timeout SECS]
+                [--allow-uid UID]... [--backend-timeout SECS] [--cache-size BYTES]
                 [--registry-user NAME] [--registry-password-file PATH]
                 [--backend-retries N]
   blobmgr ping [--sock PATH]
@@ -146,6 +146,7 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
             "registry-password-file",
             "backend-timeout",
             "backend-retries",
+            "cache-size",
         ],
     )?;
     if let Some(p) = a.positional.first() {
@@ -161,6 +162,14 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
     if let Some(n) = a.num("granule")? {
         cfg.cache.granule = n;
         cfg.cache.max_job = cfg.cache.max_job.max(n);
+    }
+    if let Some(n) = a.num::<u64>("cache-size")? {
+        if n < cfg.cache.granule {
+            return Err(Fail(format!(
+                "--cache-size {n} is smaller than one granule"
+            )));
+        }
+        cfg.cache.limit = Some(n);
     }
     if let Some(m) = a.get("sock-mode") {
         cfg.sock_mode = u32::from_str_radix(m, 8)
@@ -295,9 +304,7 @@ fn ping(argv: &[String]) -> Result<(), Fail> {
     }
     let sock = a.sock();
     let client = cli_client(&sock)?;
-    let rtt = client
-        .ping()
-        .map_err(|e| Fail(format!("ping: {e}")))?;
+    let rtt = client.ping().map_err(|e| Fail(format!("ping: {e}")))?;
     println!("ok {} us", rtt.as_micros());
     Ok(())
 }

@@ -178,10 +178,13 @@ struct PendingOpen {
 pub enum JobOutcome {
     Opened(Result<Blob, OpenError>),
     Filled(Result<(), crate::backend::BackendError>),
+    Deleted(io::Result<()>),
 }
 
 /// Open jobs use ids with this bit set; fill job ids come from the cache.
 const OPEN_JOB: u64 = 1 << 63;
+/// Eviction (file deletion) jobs use ids with this bit set.
+const DELETE_JOB: u64 = 1 << 62;
 
 /// The blob manager server. See the module docs for the two ways to run it.
 pub struct Server {
@@ -200,6 +203,9 @@ pub struct Server {
     opening: HashMap<String, Vec<PendingOpen>>,
     open_jobs: HashMap<JobId, String>,
     next_open_job: u64,
+    /// Evicted blobs whose files are being deleted; GetBlob of one waits.
+    delete_jobs: HashMap<JobId, String>,
+    deleting: std::collections::HashSet<String>,
     dirty: Vec<usize>,
     scratch: Vec<u8>,
     msgs: Vec<Message>,
@@ -210,6 +216,11 @@ pub struct Server {
     /// Connections that used up their read budget with input maybe left;
     /// served again before the next wait (no new edge would report them).
     backlog: Vec<usize>,
+    /// Set while [`Server::run`] handles a readiness edge that did not
+    /// report the peer's hang-up: a short read then means the socket is
+    /// empty and later bytes bring a new edge, so reading stops there
+    /// instead of spending a read on WouldBlock.
+    trust_short_reads: bool,
     stats: Stats,
 }
 
@@ -263,6 +274,8 @@ impl Server {
             opening: HashMap::new(),
             open_jobs: HashMap::new(),
             next_open_job: 1,
+            delete_jobs: HashMap::new(),
+            deleting: std::collections::HashSet::new(),
             dirty: Vec::new(),
             scratch: vec![0u8; SCRATCH_SIZE],
             msgs: Vec::new(),
@@ -270,6 +283,7 @@ impl Server {
             accept_paused_until: None,
             next_expiry: None,
             backlog: Vec::new(),
+            trust_short_reads: false,
             stats: Stats::default(),
         })
     }
@@ -321,7 +335,14 @@ impl Server {
             for ev in events.iter() {
                 match ev.token().0 {
                     STOP_ID => stopping = true,
-                    id => self.dispatch(id),
+                    id @ (LISTENER_ID | COMPLETIONS_ID) => self.dispatch(id),
+                    id => {
+                        // A hang-up already reported goes unseen by a
+                        // short read: read on to EOF in that case.
+                        self.trust_short_reads = !(ev.is_read_closed() || ev.is_error());
+                        self.handle_event(id);
+                        self.trust_short_reads = false;
+                    }
                 }
             }
             self.handle_timeout();
@@ -380,11 +401,7 @@ impl Server {
         for id in expired {
             self.stats.jobs_timed_out += 1;
             log::warn!("backend job {id} still running after {limit:?}; failing its requests");
-            if id & OPEN_JOB != 0 {
-                self.finish_open(Completion { id, result: None });
-            } else {
-                self.finish_fill(Completion { id, result: None });
-            }
+            self.finish_job(Completion { id, result: None });
         }
         // Jobs that start later are checked one timeout from now at the latest.
         let horizon = Instant::now() + limit;
@@ -565,6 +582,9 @@ impl Server {
                 );
                 return true;
             }
+            if self.trust_short_reads && client.conn.drained() {
+                return true;
+            }
         }
     }
 
@@ -588,7 +608,9 @@ impl Server {
         if session.generation != generation {
             // Tokens of other generations can never be used again.
             session.generation = generation;
-            session.tokens.clear();
+            for (_, blob) in session.tokens.drain() {
+                self.cache.release(blob);
+            }
         }
         let fail = |errno| Reply::GetBlob {
             token: 0,
@@ -620,6 +642,14 @@ impl Server {
             return;
         }
         self.opening.insert(id.clone(), vec![waiter]);
+        if !self.deleting.contains(&id) {
+            self.start_open(id);
+        }
+    }
+
+    /// Hands the opening of blob `id` to a worker; `opening[id]` waits on it.
+    fn start_open(&mut self, id: String) {
+        self.cache.forget_cold(&id);
         let job = OPEN_JOB | self.next_open_job;
         self.next_open_job += 1;
         self.open_jobs.insert(job, id.clone());
@@ -646,6 +676,7 @@ impl Server {
         let n = s.next_n;
         if generation == s.generation {
             s.tokens.insert(n, blob);
+            self.cache.acquire(blob);
         }
         let fd = self.cache.blob(blob).map(|b| b.client_fd().clone());
         let r = Reply::GetBlob {
@@ -739,8 +770,33 @@ impl Server {
             });
             any = true;
         }
+        for id in self.cache.take_evictions() {
+            let job = DELETE_JOB | self.next_open_job;
+            self.next_open_job += 1;
+            self.deleting.insert(id.clone());
+            self.delete_jobs.insert(job, id.clone());
+            let cfg = self.cache.config().clone();
+            self.pool.submit(job, move || {
+                JobOutcome::Deleted(crate::cache::remove_blob_files(&cfg, &id))
+            });
+            any = true;
+        }
         if any {
             self.arm_expiry();
+        }
+    }
+
+    fn finish_delete(&mut self, c: Completion<JobOutcome>) {
+        let Some(id) = self.delete_jobs.remove(&c.id) else {
+            return;
+        };
+        if let Some(JobOutcome::Deleted(Err(e))) = c.result {
+            log::warn!("evicting blob {id}: {e}");
+        }
+        self.deleting.remove(&id);
+        if self.opening.contains_key(&id) {
+            // A GetBlob came while the files were going: open them anew.
+            self.start_open(id);
         }
     }
 
@@ -749,15 +805,21 @@ impl Server {
         let mut done = std::mem::take(&mut self.completions);
         self.pool.take_completions(&mut done);
         for c in done.drain(..) {
-            if c.id & OPEN_JOB != 0 {
-                self.finish_open(c);
-            } else {
-                self.finish_fill(c);
-            }
+            self.finish_job(c);
         }
         self.completions = done;
         self.submit_jobs();
         self.flush_dirty();
+    }
+
+    fn finish_job(&mut self, c: Completion<JobOutcome>) {
+        if c.id & OPEN_JOB != 0 {
+            self.finish_open(c);
+        } else if c.id & DELETE_JOB != 0 {
+            self.finish_delete(c);
+        } else {
+            self.finish_fill(c);
+        }
     }
 
     fn finish_open(&mut self, c: Completion<JobOutcome>) {
@@ -805,7 +867,7 @@ impl Server {
         if !ok {
             self.stats.fills_failed += 1;
         }
-        for pid in self.cache.finish_fill(c.id) {
+        for pid in self.cache.finish_fill(c.id, ok) {
             let Some(p) = self.pending.get_mut(pid) else {
                 continue;
             };
@@ -878,6 +940,9 @@ impl Server {
 
     fn close(&mut self, key: usize, why: Option<ConnError>) {
         let c = self.conns.remove(key);
+        for (_, blob) in c.session.tokens.iter() {
+            self.cache.release(*blob);
+        }
         let _ = self.registrar.deregister(c.conn.stream().as_raw_fd());
         match why {
             Some(e @ ConnError::Protocol(_)) => {

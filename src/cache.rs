@@ -573,6 +573,8 @@ pub enum FetchStart {
     OutOfRange,
     /// Waiting on `jobs` fill jobs (new or already in flight).
     Waiting { jobs: usize, count: u64 },
+    /// The backend hung on this blob recently: failed without waiting.
+    Unavailable,
 }
 
 struct OpenBlob {
@@ -585,6 +587,15 @@ struct OpenBlob {
     last_used: u64,
     /// Bytes of data counted against the limit.
     bytes: u64,
+    /// Set when a fill of this blob timed out: until `until`, fetches that
+    /// need the backend fail at once; after it, one probe fill at a time.
+    hung: Option<Hung>,
+}
+
+#[derive(Clone, Copy)]
+struct Hung {
+    until: std::time::Instant,
+    strikes: u32,
 }
 
 /// A blob whose files are in the work dir but that no client opened since
@@ -691,6 +702,7 @@ impl<W> Cache<W> {
             refs: 0,
             last_used: self.clock,
             bytes,
+            hung: None,
         });
         self.by_id.insert(id, key);
         key
@@ -809,6 +821,13 @@ impl<W> Cache<W> {
         if blob.all_ready(g0, g1) {
             return FetchStart::Ready { count: end - start };
         }
+        // After a timeout, the backend is left alone for a while, then
+        // probed with one fill at a time until one succeeds.
+        let probing = match ob.hung {
+            Some(h) if std::time::Instant::now() < h.until => return FetchStart::Unavailable,
+            Some(_) => true,
+            None => false,
+        };
         let max_run = (self.cfg.max_job / g).max(1);
         let mut wait_on: Vec<JobId> = Vec::new();
         let mut gi = g0;
@@ -828,6 +847,10 @@ impl<W> Cache<W> {
                 }
             }
             // A run of granules that are neither ready nor in flight.
+            if probing && !ob.inflight.is_empty() {
+                // The probe is out; this request cannot be served now.
+                return FetchStart::Unavailable;
+            }
             let next_inflight = ob
                 .inflight
                 .range(gi..)
@@ -883,6 +906,7 @@ impl<W> Cache<W> {
         if let Some(ob) = self.blobs.get_mut(j.blob) {
             if let Some((n, _)) = ob.inflight.remove(&j.g0) {
                 if ok {
+                    ob.hung = None;
                     let g = ob.blob.granule_size();
                     let bytes = ((j.g0 + n) * g).min(ob.blob.size()) - j.g0 * g;
                     ob.bytes += bytes;
@@ -892,6 +916,33 @@ impl<W> Cache<W> {
         }
         self.enforce_limit();
         j.waiters
+    }
+
+    /// Records that fill `job` ran past the backend timeout: its blob is
+    /// left alone for a cool-down that doubles with each strike (up to 16
+    /// timeouts), then probed one fill at a time. Returns the blob's other
+    /// fill jobs, so the caller can cancel those not yet started.
+    pub fn fill_timed_out(&mut self, job: JobId, timeout: std::time::Duration) -> Vec<JobId> {
+        let Some(key) = self.jobs.get(&job).map(|j| j.blob) else {
+            return Vec::new();
+        };
+        if let Some(ob) = self.blobs.get_mut(key) {
+            let strikes = ob.hung.map_or(0, |h| h.strikes + 1);
+            ob.hung = Some(Hung {
+                until: std::time::Instant::now() + timeout * (1 << strikes.min(4)),
+                strikes,
+            });
+            log::warn!(
+                "blob {}: backend timed out; failing its fetches for {:?}",
+                ob.blob.id(),
+                timeout * (1 << strikes.min(4))
+            );
+        }
+        self.jobs
+            .iter()
+            .filter(|(&id, j)| j.blob == key && id != job)
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// Fill jobs in flight.
@@ -1026,6 +1077,47 @@ mod tests {
         assert!(matches!(
             Blob::open(&cfg, &be, "other"),
             Err(OpenError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn a_timed_out_blob_fails_fast_then_is_probed_one_fill_at_a_time() {
+        let (_d, cfg, be, _) = setup(10 * 4096, 4096);
+        let mut cache: Cache<u32> = Cache::new(cfg.clone());
+        let key = cache.insert(Blob::open(&cfg, &be, "b").unwrap());
+        assert!(matches!(
+            cache.fetch(key, 0, 8192, 1),
+            FetchStart::Waiting { jobs: 1, .. }
+        ));
+        assert!(matches!(
+            cache.fetch(key, 3 * 4096, 8192, 2),
+            FetchStart::Waiting { .. }
+        ));
+        let jobs: Vec<JobId> = cache.take_new_jobs().map(|j| j.id).collect();
+        assert_eq!(jobs.len(), 2);
+        // The first times out: the other job of the blob is returned for
+        // cancelling, and fetches needing the backend fail at once.
+        let others = cache.fill_timed_out(jobs[0], std::time::Duration::from_millis(30));
+        assert_eq!(others, vec![jobs[1]]);
+        for j in &jobs {
+            cache.finish_fill(*j, false);
+        }
+        assert_eq!(cache.fetch(key, 0, 10, 3), FetchStart::Unavailable);
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        // Cool-down over: one probe; a second range cannot start another.
+        assert!(matches!(
+            cache.fetch(key, 0, 10, 4),
+            FetchStart::Waiting { jobs: 1, .. }
+        ));
+        assert_eq!(cache.fetch(key, 5 * 4096, 10, 5), FetchStart::Unavailable);
+        let probe: Vec<FillJob> = cache.take_new_jobs().collect();
+        assert_eq!(probe.len(), 1);
+        probe[0].blob.fill(&be, probe[0].g0, probe[0].n).unwrap();
+        assert_eq!(cache.finish_fill(probe[0].id, true), vec![4]);
+        // A success clears the strike: fetches run normally again.
+        assert!(matches!(
+            cache.fetch(key, 5 * 4096, 10, 6),
+            FetchStart::Waiting { jobs: 1, .. }
         ));
     }
 }

@@ -20,10 +20,10 @@ fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
 }
 
 impl Listener {
-    /// Binds `path` with permission bits `mode`. A socket file nobody answers
-    /// on is replaced; one a live daemon answers on, or any other kind of
-    /// file, is an error.
-    pub fn bind(path: &Path, mode: u32, backlog: i32) -> io::Result<Listener> {
+    /// Binds `path` with permission bits `mode` (and group `group`, if
+    /// given). A socket file nobody answers on is replaced; one a live daemon
+    /// answers on, or any other kind of file, is an error.
+    pub fn bind(path: &Path, mode: u32, group: Option<u32>, backlog: i32) -> io::Result<Listener> {
         match fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(io::Error::new(
@@ -75,6 +75,10 @@ impl Listener {
             let addr = UnixAddr::new(&tmp)?;
             socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
                 .map_err(|e| ctx("bind", path, e.into()))?;
+            if let Some(gid) = group {
+                nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
+                    .map_err(|e| ctx("chgrp", path, e.into()))?;
+            }
             fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
                 .map_err(|e| ctx("chmod", path, e))?;
             socket::listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
@@ -120,12 +124,12 @@ mod tests {
     fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.sock");
-        let l = Listener::bind(&p, 0o600, 128).unwrap();
+        let l = Listener::bind(&p, 0o600, None, 128).unwrap();
         assert_eq!(
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        let err = Listener::bind(&p, 0o600, 128).err().unwrap();
+        let err = Listener::bind(&p, 0o600, None, 128).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         // Dropping the first removes the file; a leftover file from a dead
         // daemon (simulated by a bound but closed std listener) is replaced.
@@ -133,8 +137,8 @@ mod tests {
         assert!(!p.exists());
         drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
         assert!(p.exists());
-        let _l2 = Listener::bind(&p, 0o600, 128).unwrap();
+        let _l2 = Listener::bind(&p, 0o600, None, 128).unwrap();
         fs::write(d.path().join("plain"), b"x").unwrap();
-        assert!(Listener::bind(&d.path().join("plain"), 0o600, 128).is_err());
+        assert!(Listener::bind(&d.path().join("plain"), 0o600, None, 128).is_err());
     }
 }

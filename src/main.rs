@@ -19,7 +19,7 @@ const DEFAULT_BACKEND: &str = "blobs";
 const USAGE: &str = "\
 usage:
   blobmgr serve [--sock PATH] [--workdir DIR] [--backend DIR|URL] [--workers N]
-                [--max-conns N] [--granule BYTES] [--sock-mode OCTAL]
+                [--max-conns N] [--granule BYTES] [--sock-mode OCTAL] [--sock-group GROUP]
                 [--allow-uid UID]... [--backend-timeout SECS] [--cache-size BYTES]
                 [--registry-user NAME] [--registry-password-file PATH]
                 [--backend-retries N]
@@ -147,6 +147,7 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
             "backend-timeout",
             "backend-retries",
             "cache-size",
+            "sock-group",
         ],
     )?;
     if let Some(p) = a.positional.first() {
@@ -170,6 +171,17 @@ fn serve(argv: &[String]) -> Result<(), Fail> {
             )));
         }
         cfg.cache.limit = Some(n);
+    }
+    if let Some(g) = a.get("sock-group") {
+        let gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(g)
+                .map_err(|e| Fail(format!("--sock-group {g}: {e}")))?
+                .ok_or_else(|| Fail(format!("--sock-group {g}: no such group")))?
+                .gid
+                .as_raw(),
+        };
+        cfg.sock_group = Some(gid);
     }
     if let Some(m) = a.get("sock-mode") {
         cfg.sock_mode = u32::from_str_radix(m, 8)

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub sock: PathBuf,
     /// Permission bits of the socket file.
     pub sock_mode: u32,
+    /// Group of the socket file (with a mode such as 0660, the members of
+    /// this group may connect; the uid allow list still applies).
+    pub sock_group: Option<u32>,
     pub cache: CacheConfig,
     pub workers: usize,
     pub max_conns: usize,
@@ -104,6 +107,7 @@ impl ServerConfig {
         ServerConfig {
             sock: sock.into(),
             sock_mode: 0o600,
+            sock_group: None,
             cache: CacheConfig::new(workdir),
             workers: 4,
             max_conns: DEFAULT_MAX_CONNS,
@@ -243,7 +247,7 @@ impl Server {
         registrar: Box<dyn Registrar>,
     ) -> io::Result<Server> {
         cfg.cache.prepare()?;
-        let listener = Listener::bind(&cfg.sock, cfg.sock_mode, 4096)?;
+        let listener = Listener::bind(&cfg.sock, cfg.sock_mode, cfg.sock_group, 4096)?;
         let pool = WorkerPool::new(cfg.workers)?;
         registrar.register(
             listener.inner().as_raw_fd(),
@@ -397,10 +401,26 @@ impl Server {
 
     fn expire_jobs(&mut self) {
         let limit = self.cfg.backend_timeout;
-        let (expired, next) = self.pool.expire(limit);
-        for id in expired {
+        let expired = self.pool.expire(limit);
+        let next = expired.next;
+        for id in expired.stuck {
             self.stats.jobs_timed_out += 1;
             log::warn!("backend job {id} still running after {limit:?}; failing its requests");
+            if id & (OPEN_JOB | DELETE_JOB) == 0 {
+                // The blob's queued fills would hang the same way.
+                let others = self.cache.fill_timed_out(id, limit);
+                for other in self.pool.cancel(&others) {
+                    self.finish_job(Completion {
+                        id: other,
+                        result: None,
+                    });
+                }
+            }
+            self.finish_job(Completion { id, result: None });
+        }
+        for id in expired.dropped {
+            self.stats.jobs_timed_out += 1;
+            log::warn!("backend job {id} waited {limit:?} for a worker; failing its requests");
             self.finish_job(Completion { id, result: None });
         }
         // Jobs that start later are checked one timeout from now at the latest.
@@ -720,7 +740,7 @@ impl Server {
                     );
                 }
             }
-            FetchStart::OutOfRange => {
+            FetchStart::OutOfRange | FetchStart::Unavailable => {
                 if need {
                     self.reply(
                         key,

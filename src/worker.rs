@@ -33,12 +33,24 @@ struct Shared<T> {
 }
 
 struct State<T> {
-    jobs: VecDeque<(u64, Job<T>)>,
+    /// Queued jobs: id, the job, when it was queued.
+    jobs: VecDeque<(u64, Job<T>, Instant)>,
     stopping: bool,
     /// Jobs being run: id → (worker index, start time).
     running: HashMap<u64, (usize, Instant)>,
     /// Workers whose job was abandoned; each retires when its job returns.
     stuck: HashSet<usize>,
+}
+
+/// What [`WorkerPool::expire`] found.
+#[derive(Debug, Default)]
+pub struct Expired {
+    /// Jobs that ran past the limit; their threads were replaced.
+    pub stuck: Vec<u64>,
+    /// Jobs that waited in the queue past the limit and were dropped.
+    pub dropped: Vec<u64>,
+    /// When the next job passes the limit.
+    pub next: Option<Instant>,
 }
 
 /// A set of threads running submitted closures.
@@ -95,7 +107,9 @@ impl<T: Send + 'static> WorkerPool<T> {
 
     /// Queues `job`; its completion will carry `id`.
     pub fn submit(&self, id: u64, job: impl FnOnce() -> T + Send + 'static) {
-        lock(&self.shared.state).jobs.push_back((id, Box::new(job)));
+        lock(&self.shared.state)
+            .jobs
+            .push_back((id, Box::new(job), Instant::now()));
         self.shared.work.notify_one();
     }
 
@@ -118,14 +132,25 @@ impl<T: Send + 'static> WorkerPool<T> {
     /// Abandons every job that has been running longer than `limit`: their
     /// ids are returned (their completions, if they ever come, must be
     /// ignored) and a replacement thread is started for each, up to a bound.
-    /// Also returns when the next running job will pass `limit`.
-    pub fn expire(&mut self, limit: Duration) -> (Vec<u64>, Option<Instant>) {
+    /// Jobs that waited in the queue longer than `limit` (every thread was
+    /// stuck) are dropped and returned too. Also returns when the next job
+    /// will pass `limit`.
+    pub fn expire(&mut self, limit: Duration) -> Expired {
         let now = Instant::now();
         let mut expired = Vec::new();
+        let mut dropped = Vec::new();
         let mut next: Option<Instant> = None;
         let mut replace = 0;
         {
             let mut st = lock(&self.shared.state);
+            while let Some((id, _, queued)) = st.jobs.front() {
+                if *queued + limit > now {
+                    next = Some(*queued + limit);
+                    break;
+                }
+                dropped.push(*id);
+                st.jobs.pop_front();
+            }
             let mut newly_stuck = Vec::new();
             for (&id, &(worker, started)) in st.running.iter() {
                 if st.stuck.contains(&worker) {
@@ -154,7 +179,26 @@ impl<T: Send + 'static> WorkerPool<T> {
         }
         // Forget handles of threads that retired.
         self.threads.retain(|(_, t)| !t.is_finished());
-        (expired, next)
+        Expired {
+            stuck: expired,
+            dropped,
+            next,
+        }
+    }
+
+    /// Removes the queued (not yet started) jobs among `ids`, returning
+    /// those removed; their completions never come.
+    pub fn cancel(&self, ids: &[u64]) -> Vec<u64> {
+        let mut st = lock(&self.shared.state);
+        let mut removed = Vec::new();
+        st.jobs.retain(|(id, _, _)| {
+            let hit = ids.contains(id);
+            if hit {
+                removed.push(*id);
+            }
+            !hit
+        });
+        removed
     }
 
     /// Jobs queued or running.
@@ -195,7 +239,7 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         let (id, job) = {
             let mut st = lock(&s.state);
             loop {
-                if let Some((id, job)) = st.jobs.pop_front() {
+                if let Some((id, job, _)) = st.jobs.pop_front() {
                     st.running.insert(id, (index, Instant::now()));
                     break (id, job);
                 }
@@ -273,8 +317,9 @@ mod tests {
             std::thread::yield_now();
         }
         std::thread::sleep(Duration::from_millis(20));
-        let (expired, _) = pool.expire(Duration::from_millis(10));
-        assert_eq!(expired, vec![1]);
+        let expired = pool.expire(Duration::from_millis(10));
+        assert_eq!(expired.stuck, vec![1]);
+        assert!(expired.dropped.is_empty());
         // The only original thread is stuck, yet a new job completes.
         pool.submit(2, || 2);
         let mut got = Vec::new();
@@ -283,7 +328,27 @@ mod tests {
             poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
             pool.take_completions(&mut got);
         }
-        assert_eq!(pool.expire(Duration::from_millis(10)).0, Vec::<u64>::new());
+        assert_eq!(
+            pool.expire(Duration::from_millis(10)).stuck,
+            Vec::<u64>::new()
+        );
+        drop(tx);
+    }
+
+    #[test]
+    fn jobs_queued_past_the_limit_are_dropped() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        pool.submit(1, move || {
+            let _ = rx.recv();
+            1
+        });
+        pool.submit(2, || 2);
+        pool.submit(3, || 3);
+        assert_eq!(pool.cancel(&[3, 9]), vec![3]);
+        std::thread::sleep(Duration::from_millis(20));
+        let e = pool.expire(Duration::from_millis(10));
+        assert_eq!((e.stuck, e.dropped), (vec![1], vec![2]));
         drop(tx);
     }
 }

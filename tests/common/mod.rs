@@ -57,12 +57,33 @@ impl Daemon {
 
     /// Starts the process (again) on the same dirs and waits until it answers.
     pub fn spawn(&mut self) {
+        self.spawn_inner(None);
+    }
+
+    /// Starts the process through `sh -c 'umask UMASK; exec blobmgr serve …'`
+    /// (the umask is process-wide, so it is not set in the test process), and
+    /// waits until it answers.
+    pub fn spawn_with_umask(&mut self, umask: u32) {
+        self.spawn_inner(Some(umask));
+    }
+
+    fn spawn_inner(&mut self, umask: Option<u32>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin())
+        let mut cmd = match umask {
+            None => Command::new(bin()),
+            Some(umask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("serve")
             .arg("--sock")
             .arg(&self.sock)
@@ -356,40 +377,6 @@ impl Daemon {
             log: dir.path().join("daemon.log"),
             dir: Some(dir),
         }
-    }
-
-    /// Starts the process through `sh -c 'umask UMASK; exec blobmgr serve …'`
-    /// (the umask is process-wide, so it is not set in the test process), and
-    /// waits until it answers.
-    pub fn spawn_with_umask(&mut self, umask: u32) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
-            .arg(bin())
-            .arg("serve")
-            .arg("--sock")
-            .arg(&self.sock)
-            .arg("--workdir")
-            .arg(&self.workdir)
-            .arg("--backend")
-            .arg(&self.backend)
-            .args(&self.extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sh");
-        self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Waits up to `wait` for the daemon's log to contain `needle`.

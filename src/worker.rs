@@ -234,7 +234,25 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 }
 
+/// Nice value of worker threads: the reactor, which only ever does short
+/// nonblocking work, must not queue behind bulk copies for the CPU.
+const WORKER_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority (Linux: per thread).
+fn lower_priority() {
+    let tid = nix::unistd::gettid().as_raw() as nix::libc::id_t;
+    // SAFETY: setpriority only reads its integer arguments.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid, WORKER_NICE) };
+    if rc != 0 {
+        log::debug!(
+            "cannot lower worker priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 fn worker_loop<T>(s: &Shared<T>, index: usize) {
+    lower_priority();
     loop {
         let (id, job) = {
             let mut st = lock(&s.state);

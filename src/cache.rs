@@ -286,8 +286,10 @@ impl Blob {
     }
 
     /// Fills granules `[g0, g0 + n)` from the backend, then marks them ready
-    /// and records that in the map file. Runs on a worker.
-    pub fn fill(&self, backend: &dyn Backend, g0: u64, n: u64) -> Result<(), BackendError> {
+    /// and records that in the map file. Runs on a worker. Returns true when
+    /// the blob is now complete (and checked): it is then due a
+    /// [`Blob::checkpoint`], which the caller runs after answering.
+    pub fn fill(&self, backend: &dyn Backend, g0: u64, n: u64) -> Result<bool, BackendError> {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
         backend.read_into(&self.id, start, end - start, &self.data)?;
@@ -302,15 +304,12 @@ impl Blob {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
         if self.ready_count() < self.granules() {
-            return Ok(());
+            return Ok(false);
         }
         // Two last fills that ran at once each saw the other missing: the
         // check runs here instead (a no-op if it already passed).
         self.verify(backend)?;
-        if let Err(e) = self.checkpoint() {
-            log::warn!("blob {}: checkpoint: {e}", self.id);
-        }
-        Ok(())
+        Ok(true)
     }
 
     /// Checks the complete blob with the backend, once; a mismatch throws

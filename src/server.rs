@@ -181,14 +181,18 @@ struct PendingOpen {
 /// What a worker job produced.
 pub enum JobOutcome {
     Opened(Result<Blob, OpenError>),
-    Filled(Result<(), crate::backend::BackendError>),
+    /// A fill; on success, the blob if the fill completed it.
+    Filled(Result<Option<Arc<Blob>>, crate::backend::BackendError>),
     Deleted(io::Result<()>),
+    Checkpointed(io::Result<()>),
 }
 
 /// Open jobs use ids with this bit set; fill job ids come from the cache.
 const OPEN_JOB: u64 = 1 << 63;
 /// Eviction (file deletion) jobs use ids with this bit set.
 const DELETE_JOB: u64 = 1 << 62;
+/// Checkpoint jobs (nobody waits on them) use ids with this bit set.
+const CHECKPOINT_JOB: u64 = 1 << 61;
 
 /// The blob manager server. See the module docs for the two ways to run it.
 pub struct Server {
@@ -406,7 +410,7 @@ impl Server {
         for id in expired.stuck {
             self.stats.jobs_timed_out += 1;
             log::warn!("backend job {id} still running after {limit:?}; failing its requests");
-            if id & (OPEN_JOB | DELETE_JOB) == 0 {
+            if id & (OPEN_JOB | DELETE_JOB | CHECKPOINT_JOB) == 0 {
                 // The blob's queued fills would hang the same way.
                 let others = self.cache.fill_timed_out(id, limit);
                 for other in self.pool.cancel(&others) {
@@ -786,7 +790,8 @@ impl Server {
         for job in self.cache.take_new_jobs() {
             let backend = backend.clone();
             self.pool.submit(job.id, move || {
-                JobOutcome::Filled(job.blob.fill(backend.as_ref(), job.g0, job.n))
+                let r = job.blob.fill(backend.as_ref(), job.g0, job.n);
+                JobOutcome::Filled(r.map(|complete| complete.then(|| job.blob.clone())))
             });
             any = true;
         }
@@ -837,6 +842,10 @@ impl Server {
             self.finish_open(c);
         } else if c.id & DELETE_JOB != 0 {
             self.finish_delete(c);
+        } else if c.id & CHECKPOINT_JOB != 0 {
+            if let Some(JobOutcome::Checkpointed(Err(e))) = c.result {
+                log::warn!("checkpoint job {}: {e}", c.id);
+            }
         } else {
             self.finish_fill(c);
         }
@@ -876,7 +885,17 @@ impl Server {
 
     fn finish_fill(&mut self, c: Completion<JobOutcome>) {
         let ok = match c.result {
-            Some(JobOutcome::Filled(Ok(()))) => true,
+            Some(JobOutcome::Filled(Ok(complete))) => {
+                if let Some(blob) = complete {
+                    // Made durable after the waiters are answered: the reply
+                    // needs the bytes in the page cache, not on the disk.
+                    let id = CHECKPOINT_JOB | self.next_open_job;
+                    self.next_open_job += 1;
+                    self.pool
+                        .submit(id, move || JobOutcome::Checkpointed(blob.checkpoint()));
+                }
+                true
+            }
             Some(JobOutcome::Filled(Err(e))) => {
                 log::warn!("fill job {}: {e}", c.id);
                 false

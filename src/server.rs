@@ -36,6 +36,11 @@ const STOP_ID: usize = usize::MAX - 2;
 const KEY_BITS: u32 = 24;
 const KEY_MASK: usize = (1 << KEY_BITS) - 1;
 
+/// The event id of the connection in slab slot `key` with `generation`.
+fn conn_id(generation: usize, key: usize) -> usize {
+    generation << KEY_BITS | key
+}
+
 /// How long accepting pauses after running out of fds.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Read buffer lent to every connection in turn.
@@ -210,7 +215,8 @@ pub struct Server {
     pending: Slab<PendingFetch>,
     opening: HashMap<String, Vec<PendingOpen>>,
     open_jobs: HashMap<JobId, String>,
-    next_open_job: u64,
+    /// Counter behind open, delete and checkpoint job ids (see `new_job_id`).
+    next_job: u64,
     /// Evicted blobs whose files are being deleted; GetBlob of one waits.
     delete_jobs: HashMap<JobId, String>,
     deleting: std::collections::HashSet<String>,
@@ -281,7 +287,7 @@ impl Server {
             pending: Slab::new(),
             opening: HashMap::new(),
             open_jobs: HashMap::new(),
-            next_open_job: 1,
+            next_job: 1,
             delete_jobs: HashMap::new(),
             deleting: std::collections::HashSet::new(),
             dirty: Vec::new(),
@@ -501,7 +507,7 @@ impl Server {
         }
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & (usize::MAX >> (KEY_BITS + 2));
-        let id = generation << KEY_BITS | key;
+        let id = conn_id(generation, key);
         if let Err(e) = self
             .registrar
             .register(stream.as_raw_fd(), id, Interest::READABLE)
@@ -575,7 +581,7 @@ impl Server {
             }
             if *budget == 0 {
                 // A duplicate entry costs one EAGAIN read at most.
-                self.backlog.push(client.generation << KEY_BITS | key);
+                self.backlog.push(conn_id(client.generation, key));
                 return true;
             }
             *budget -= 1;
@@ -654,7 +660,7 @@ impl Server {
         if let Some(blob) = self.cache.lookup(&id) {
             return self.answer_get_blob(key, tag, generation, blob);
         }
-        let conn = self.conn_id(key);
+        let conn = self.id_of(key);
         let waiter = PendingOpen {
             conn,
             tag,
@@ -674,8 +680,7 @@ impl Server {
     /// Hands the opening of blob `id` to a worker; `opening[id]` waits on it.
     fn start_open(&mut self, id: String) {
         self.cache.forget_cold(&id);
-        let job = OPEN_JOB | self.next_open_job;
-        self.next_open_job += 1;
+        let job = self.new_job_id(OPEN_JOB);
         self.open_jobs.insert(job, id.clone());
         let cfg = self.cache.config().clone();
         let backend = self.backend.clone();
@@ -755,7 +760,7 @@ impl Server {
                 }
             }
             FetchStart::Waiting { jobs, count } => {
-                let conn = self.conn_id(key);
+                let conn = self.id_of(key);
                 let got = self.pending.insert(PendingFetch {
                     conn,
                     tag,
@@ -771,8 +776,14 @@ impl Server {
         }
     }
 
-    fn conn_id(&self, key: usize) -> usize {
-        self.conns[key].generation << KEY_BITS | key
+    fn new_job_id(&mut self, kind: u64) -> JobId {
+        let id = kind | self.next_job;
+        self.next_job += 1;
+        id
+    }
+
+    fn id_of(&self, key: usize) -> usize {
+        conn_id(self.conns[key].generation, key)
     }
 
     fn reply(&mut self, key: usize, tag: u64, r: Reply, fd: Option<Arc<std::os::fd::OwnedFd>>) {
@@ -796,8 +807,7 @@ impl Server {
             any = true;
         }
         for id in self.cache.take_evictions() {
-            let job = DELETE_JOB | self.next_open_job;
-            self.next_open_job += 1;
+            let job = self.new_job_id(DELETE_JOB);
             self.deleting.insert(id.clone());
             self.delete_jobs.insert(job, id.clone());
             let cfg = self.cache.config().clone();
@@ -889,8 +899,7 @@ impl Server {
                 if let Some(blob) = complete {
                     // Made durable after the waiters are answered: the reply
                     // needs the bytes in the page cache, not on the disk.
-                    let id = CHECKPOINT_JOB | self.next_open_job;
-                    self.next_open_job += 1;
+                    let id = self.new_job_id(CHECKPOINT_JOB);
                     self.pool
                         .submit(id, move || JobOutcome::Checkpointed(blob.checkpoint()));
                 }
@@ -969,7 +978,7 @@ impl Server {
             } else {
                 Interest::READABLE
             };
-            let id = c.generation << KEY_BITS | key;
+            let id = conn_id(c.generation, key);
             if let Err(e) = self
                 .registrar
                 .reregister(c.conn.stream().as_raw_fd(), id, interest)

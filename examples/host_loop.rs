@@ -27,7 +27,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -53,25 +53,19 @@ fn epoll_flags(interest: Interest) -> EpollFlags {
     f
 }
 
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: the server registers only fds it owns and deregisters them
-    // before closing them; the borrow lasts only for the epoll_ctl call.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-}
-
 impl Registrar for EpollRegistrar {
-    fn register(&self, fd: RawFd, id: usize, interest: Interest) -> io::Result<()> {
+    fn register(&self, fd: BorrowedFd<'_>, id: usize, interest: Interest) -> io::Result<()> {
         let ev = EpollEvent::new(epoll_flags(interest), id as u64);
-        Ok(self.0.add(borrow(fd), ev)?)
+        Ok(self.0.add(fd, ev)?)
     }
 
-    fn reregister(&self, fd: RawFd, id: usize, interest: Interest) -> io::Result<()> {
+    fn reregister(&self, fd: BorrowedFd<'_>, id: usize, interest: Interest) -> io::Result<()> {
         let mut ev = EpollEvent::new(epoll_flags(interest), id as u64);
-        Ok(self.0.modify(borrow(fd), &mut ev)?)
+        Ok(self.0.modify(fd, &mut ev)?)
     }
 
-    fn deregister(&self, fd: RawFd) -> io::Result<()> {
-        Ok(self.0.delete(borrow(fd))?)
+    fn deregister(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(self.0.delete(fd)?)
     }
 }
 

@@ -63,6 +63,52 @@ impl fmt::Display for ConnError {
 
 impl std::error::Error for ConnError {}
 
+/// A connection's id: its slot in the reactor's table and that slot's
+/// generation, so the id of a closed connection never names the connection
+/// that reused its slot. It is also the event id a host loop passes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId(usize);
+
+impl ConnId {
+    /// Bits of the id that hold the slot.
+    pub const KEY_BITS: u32 = 24;
+    /// Largest slot an id can hold.
+    pub const MAX_KEY: usize = (1 << Self::KEY_BITS) - 1;
+    /// Generations wrap below this, leaving the top ids free for the
+    /// listener and other fixed event ids.
+    pub const GENERATION_LIMIT: usize = usize::MAX >> (Self::KEY_BITS + 2);
+
+    pub fn new(generation: usize, key: usize) -> ConnId {
+        debug_assert!(key <= Self::MAX_KEY && generation < Self::GENERATION_LIMIT);
+        ConnId(generation << Self::KEY_BITS | key)
+    }
+
+    /// The id a host passed back as an event id.
+    pub fn from_event(id: usize) -> ConnId {
+        ConnId(id)
+    }
+
+    /// The event id to register the connection's fd with.
+    pub fn event(self) -> usize {
+        self.0
+    }
+
+    /// The connection's slot.
+    pub fn key(self) -> usize {
+        self.0 & Self::MAX_KEY
+    }
+
+    pub fn generation(self) -> usize {
+        self.0 >> Self::KEY_BITS
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
 /// What one call to [`Connection::read_messages`] saw.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {

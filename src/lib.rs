@@ -6,18 +6,24 @@
 //! the data plane is a file descriptor: GetBlob hands the client a read-only
 //! fd of the blob's cache file, FetchRange makes a range of it valid.
 //!
-//! Data flows one way: socket → [`connection`] (decoder) → [`server`]
-//! (handler, [`cache`] bookkeeping, [`worker`] jobs on a [`backend`]) →
-//! reply → [`connection`] (encoder) → socket. See docs/ARCHITECTURE.md.
+//! Data flows one way: socket → [`connection`] (decoder) → [`reactor`] →
+//! [`service`] (the protocol's rules over the [`cache`] index) → replies →
+//! [`reactor`] → [`connection`] (encoder) → socket; slow work leaves the
+//! service as [`jobs`] for the [`worker`] pool, running on a [`backend`], and
+//! comes back through one completion queue. [`server`] wires them and is
+//! what a daemon or a host event loop drives. See docs/ARCHITECTURE.md.
 
 pub mod backend;
 pub mod cache;
 pub mod client;
 pub mod connection;
+pub mod jobs;
 pub mod listener;
 pub mod protocol;
+pub mod reactor;
 pub mod registry;
 pub mod server;
+pub mod service;
 pub mod worker;
 
 pub use server::{Server, ServerConfig};

@@ -14,7 +14,7 @@ use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -51,12 +51,6 @@ fn epoll_flags(interest: Interest) -> EpollFlags {
     f
 }
 
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: the server only registers fds it owns, and deregisters them
-    // before closing; the borrow lasts for one epoll_ctl call.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-}
-
 impl EpollRegistrar {
     fn count(&self, f: impl FnOnce(&mut HostCounts)) {
         let mut c = self.counts.get();
@@ -66,26 +60,26 @@ impl EpollRegistrar {
 }
 
 impl Registrar for EpollRegistrar {
-    fn register(&self, fd: RawFd, id: usize, interest: Interest) -> std::io::Result<()> {
+    fn register(&self, fd: BorrowedFd<'_>, id: usize, interest: Interest) -> std::io::Result<()> {
         self.count(|c| c.registered += 1);
         if interest.is_writable() {
             self.count(|c| c.writable_registrations += 1);
         }
         let ev = EpollEvent::new(epoll_flags(interest), id as u64);
-        Ok(self.epoll.add(borrow(fd), ev)?)
+        Ok(self.epoll.add(fd, ev)?)
     }
 
-    fn reregister(&self, fd: RawFd, id: usize, interest: Interest) -> std::io::Result<()> {
+    fn reregister(&self, fd: BorrowedFd<'_>, id: usize, interest: Interest) -> std::io::Result<()> {
         if interest.is_writable() {
             self.count(|c| c.writable_registrations += 1);
         }
         let mut ev = EpollEvent::new(epoll_flags(interest), id as u64);
-        Ok(self.epoll.modify(borrow(fd), &mut ev)?)
+        Ok(self.epoll.modify(fd, &mut ev)?)
     }
 
-    fn deregister(&self, fd: RawFd) -> std::io::Result<()> {
+    fn deregister(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
         self.count(|c| c.deregistered += 1);
-        Ok(self.epoll.delete(borrow(fd))?)
+        Ok(self.epoll.delete(fd)?)
     }
 }
 

@@ -9,6 +9,9 @@
 use byteorder::{ByteOrder, LittleEndian as LE};
 use std::fmt;
 
+mod blob_id;
+pub use blob_id::{parse_blob_id, validate_blob_id, BlobIdError};
+
 /// Length of every message header.
 pub const HEADER_SIZE: usize = 20;
 /// Largest body a header may announce.
@@ -39,12 +42,43 @@ pub const FLAG_NEED_REPLY: u32 = 0x8;
 /// Every flag bit that is not reserved.
 const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY;
 
-/// FetchRange result: the range is valid.
-pub const FETCH_OK: u32 = 0;
-/// FetchRange result: start past the end, or the backend failed.
-pub const FETCH_FAILED: u32 = 1;
-/// FetchRange result: the token is unknown or from another generation.
-pub const FETCH_GENERATION_MISMATCH: u32 = 2;
+/// FetchRange result on the wire: the range is valid.
+pub const FETCH_OK: u32 = FetchResult::Ok as u32;
+/// FetchRange result on the wire: start past the end, or the backend failed.
+pub const FETCH_FAILED: u32 = FetchResult::Failed as u32;
+/// FetchRange result on the wire: the token is unknown or from another
+/// generation.
+pub const FETCH_GENERATION_MISMATCH: u32 = FetchResult::GenerationMismatch as u32;
+
+/// The result of a FetchRange, as the daemon decides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum FetchResult {
+    /// `count` bytes from start are valid.
+    Ok = 0,
+    /// Start past the blob's end, or the backend failed.
+    Failed = 1,
+    /// The token is unknown on this connection or of another generation: the
+    /// client repeats GetBlob.
+    GenerationMismatch = 2,
+}
+
+/// The errno values a GetBlob reply carries, spelled out so the wire values
+/// do not depend on the platform's headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Errno {
+    /// The blob does not exist.
+    NoEnt = 2,
+    /// The backend failed.
+    Io = 5,
+    /// The blob may not be reached with the daemon's credentials or rules.
+    Access = 13,
+    /// The id is not a valid blob id.
+    Inval = 22,
+    /// The connection holds too many tokens.
+    MFile = 24,
+}
 
 /// Request codes. Decoded with `TryFrom<u32>`; unknown values are an error,
 /// never a value of this type.
@@ -340,6 +374,34 @@ impl Reply {
     pub fn carries_fd(&self) -> bool {
         matches!(self, Reply::GetBlob { result: 0, .. })
     }
+
+    /// A successful GetBlob reply (it travels with the blob's fd).
+    pub fn blob(token: u64) -> Reply {
+        Reply::GetBlob {
+            token,
+            base: 0,
+            result: 0,
+        }
+    }
+
+    /// A failed GetBlob reply.
+    pub fn blob_error(errno: Errno) -> Reply {
+        Reply::GetBlob {
+            token: 0,
+            base: 0,
+            result: errno as u32,
+        }
+    }
+
+    /// A FetchRange reply; `count` is reported only on success.
+    pub fn fetch(token: u64, count: u64, result: FetchResult) -> Reply {
+        let count = if result == FetchResult::Ok { count } else { 0 };
+        Reply::FetchRange {
+            token,
+            count,
+            result: result as u32,
+        }
+    }
 }
 
 /// Appends the reply to request `tag` to `out`: header (flags = version |
@@ -427,70 +489,20 @@ fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Why a GetBlob id is refused (answered with EINVAL).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlobIdError {
-    Empty,
-    NotTerminated,
-    NotUtf8,
-    BadChar(u8),
-    LeadingDot,
-}
-
-impl fmt::Display for BlobIdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BlobIdError::Empty => write!(f, "empty blob id"),
-            BlobIdError::NotTerminated => write!(f, "blob id not NUL-terminated within 256 bytes"),
-            BlobIdError::NotUtf8 => write!(f, "blob id is not UTF-8"),
-            BlobIdError::BadChar(c) => write!(f, "blob id contains byte {c:#04x}"),
-            BlobIdError::LeadingDot => write!(f, "blob id starts with '.'"),
-        }
-    }
-}
-
-/// Extracts and validates the id of a GetBlob request: non-empty,
-/// NUL-terminated within the field (so at most 255 bytes), made only of
-/// `[A-Za-z0-9._:-]`, not starting with `.`. Such an id is a single path
-/// component that is neither `.` nor `..`, so it can never name a path outside
-/// the directory it is joined to.
-pub fn parse_blob_id(field: &[u8; BLOB_ID_FIELD]) -> Result<&str, BlobIdError> {
-    let len = field
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(BlobIdError::NotTerminated)?;
-    validate_blob_id(&field[..len])
-}
-
-/// Validates an id given as bytes without its terminator (see [`parse_blob_id`]).
-pub fn validate_blob_id(id: &[u8]) -> Result<&str, BlobIdError> {
-    if id.is_empty() {
-        return Err(BlobIdError::Empty);
-    }
-    if id.len() > MAX_BLOB_ID_LEN {
-        return Err(BlobIdError::NotTerminated);
-    }
-    if let Some(&c) = id
-        .iter()
-        .find(|&&c| !(c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-')))
-    {
-        // A byte >= 0x80 is part of a multi-byte sequence or invalid UTF-8;
-        // either way it is outside the allowed alphabet.
-        if c >= 0x80 && std::str::from_utf8(id).is_err() {
-            return Err(BlobIdError::NotUtf8);
-        }
-        return Err(BlobIdError::BadChar(c));
-    }
-    if id[0] == b'.' {
-        return Err(BlobIdError::LeadingDot);
-    }
-    // Only ASCII is left, so this cannot fail.
-    std::str::from_utf8(id).map_err(|_| BlobIdError::NotUtf8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tiny deterministic generator so the property tests need no crate.
+    struct XorShift(pub u64);
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
 
     fn header_bytes(tag: u64, code: u32, flags: u32, size: u32) -> Vec<u8> {
         let mut v = Vec::new();
@@ -652,61 +664,6 @@ mod tests {
             decode_reply(&h),
             Err(ProtocolError::WrongBodySize { .. })
         ));
-    }
-
-    #[test]
-    fn blob_ids_are_validated() {
-        let field = |s: &[u8]| {
-            let mut f = [0u8; BLOB_ID_FIELD];
-            f[..s.len()].copy_from_slice(s);
-            f
-        };
-        assert_eq!(
-            parse_blob_id(&field(b"blob-1.tar:v2_x")),
-            Ok("blob-1.tar:v2_x")
-        );
-        assert_eq!(parse_blob_id(&field(b"a..b")), Ok("a..b"));
-        assert_eq!(parse_blob_id(&field(&[b'z'; 255])).unwrap().len(), 255);
-        assert_eq!(parse_blob_id(&field(b"")), Err(BlobIdError::Empty));
-        assert_eq!(
-            parse_blob_id(&field(b"../x")),
-            Err(BlobIdError::BadChar(b'/'))
-        );
-        assert_eq!(
-            parse_blob_id(&field(b"a/b")),
-            Err(BlobIdError::BadChar(b'/'))
-        );
-        assert_eq!(parse_blob_id(&field(b".x")), Err(BlobIdError::LeadingDot));
-        assert_eq!(parse_blob_id(&field(b"..")), Err(BlobIdError::LeadingDot));
-        assert_eq!(parse_blob_id(&field(b".")), Err(BlobIdError::LeadingDot));
-        assert_eq!(
-            parse_blob_id(&field(b"a b")),
-            Err(BlobIdError::BadChar(b' '))
-        );
-        assert_eq!(
-            parse_blob_id(&field(b"\xff\xfe")),
-            Err(BlobIdError::NotUtf8)
-        );
-        assert_eq!(
-            parse_blob_id(&field("é".as_bytes())),
-            Err(BlobIdError::BadChar(0xc3))
-        );
-        assert_eq!(
-            parse_blob_id(&[b'a'; BLOB_ID_FIELD]),
-            Err(BlobIdError::NotTerminated)
-        );
-        assert!(Request::get_blob(1, &"y".repeat(256)).is_none());
-    }
-
-    /// A tiny deterministic generator so the property tests need no crate.
-    pub(crate) struct XorShift(pub u64);
-    impl XorShift {
-        pub fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
     }
 
     #[test]

@@ -1,0 +1,357 @@
+//! One cached blob: a sparse data file of the blob's size and its readiness
+//! bits, one per granule, mirrored in a map file. Shared by the reactor side
+//! (which only reads the bits) and the workers (which fill and persist).
+//!
+//! A granule's bit is set only after its bytes were written to the data
+//! file; see docs/CACHE.md for the crash reasoning.
+
+use super::map::{self, MapHeader, StoredMap};
+use super::{CacheConfig, OpenError};
+use crate::backend::{Backend, BackendError};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+const UNVERIFIED: u8 = 0;
+const VERIFYING: u8 = 1;
+const VERIFIED: u8 = 2;
+
+/// One cached blob: its files and readiness bits.
+pub struct Blob {
+    id: String,
+    size: u64,
+    granule: u64,
+    data: File,
+    ro: Arc<OwnedFd>,
+    ready: Box<[AtomicU64]>,
+    map: Mutex<File>,
+    boot_id: [u8; 16],
+    verify_state: AtomicU8,
+}
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blob({}, {} bytes)", self.id, self.size)
+    }
+}
+
+/// Opens `path` with CLOEXEC; `write` also creates it (mode 0600).
+fn open_file(path: &Path, write: bool, truncate: bool) -> Result<File, OpenError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(write)
+        .truncate(truncate)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| OpenError::file("open", path, e))
+}
+
+impl Blob {
+    /// Opens (or creates) the cache files of `id`, learning its size from the
+    /// backend, or from a valid map when the backend no longer has it.
+    /// Runs on a worker.
+    pub fn open(cfg: &CacheConfig, backend: &dyn Backend, id: &str) -> Result<Blob, OpenError> {
+        let map_path = cfg.map_dir().join(id);
+        let data_path = cfg.data_dir().join(id);
+        let boot_id = map::current_boot_id();
+        let stored = match map::load(&map_path, cfg.granule, &boot_id) {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!(
+                    "readiness map {}: {e}; treating as empty",
+                    map_path.display()
+                );
+                None
+            }
+        };
+        let size = match (backend.blob_size(id), &stored) {
+            (Ok(s), _) => s,
+            (Err(e), Some(m)) => {
+                log::info!("blob {id}: backend unavailable ({e}); serving from the cache");
+                m.size
+            }
+            (Err(BackendError::NotFound), None) => return Err(OpenError::NotFound),
+            (Err(e), None) => return Err(OpenError::Backend(e)),
+        };
+        let data = open_file(&data_path, true, false)?;
+        let len = data
+            .metadata()
+            .map_err(|e| OpenError::file("stat", &data_path, e))?
+            .len();
+        let words = map::words_for(size, cfg.granule);
+        let ready: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let trusted = match stored {
+            Some(StoredMap {
+                size: s,
+                bits,
+                verified,
+            }) if s == size && len == size => {
+                for (w, v) in ready.iter().zip(bits) {
+                    w.store(v, Ordering::Relaxed);
+                }
+                Some(verified)
+            }
+            other => {
+                if let Some(m) = other {
+                    log::warn!(
+                        "blob {id}: cached map for {} bytes but blob has {size} (file {len}); discarding",
+                        m.size
+                    );
+                }
+                // Nothing is ready: drop whatever bytes a previous run left.
+                data.set_len(0)
+                    .and_then(|_| data.set_len(size))
+                    .map_err(|e| OpenError::file("size", &data_path, e))?;
+                None
+            }
+        };
+        let ro = open_file(&data_path, false, false)?;
+        let map = open_file(&map_path, true, trusted.is_none())?;
+        let verified = trusted.unwrap_or(false);
+        Ok(Blob {
+            id: id.to_owned(),
+            size,
+            granule: cfg.granule,
+            data,
+            ro: Arc::new(OwnedFd::from(ro)),
+            ready,
+            map: Mutex::new(map),
+            boot_id,
+            verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The read-only descriptor handed to clients.
+    pub fn client_fd(&self) -> &Arc<OwnedFd> {
+        &self.ro
+    }
+
+    /// Number of granules.
+    pub fn granules(&self) -> u64 {
+        self.size.div_ceil(self.granule)
+    }
+
+    pub fn granule_size(&self) -> u64 {
+        self.granule
+    }
+
+    pub fn is_ready(&self, g: u64) -> bool {
+        let w = self.ready[(g / 64) as usize].load(Ordering::Acquire);
+        w & (1 << (g % 64)) != 0
+    }
+
+    /// Whether granules `[g0, g1]` are all ready, a word at a time.
+    pub fn all_ready(&self, g0: u64, g1: u64) -> bool {
+        let (w0, w1) = ((g0 / 64) as usize, (g1 / 64) as usize);
+        for w in w0..=w1 {
+            let lo = if w == w0 { g0 % 64 } else { 0 };
+            let hi = if w == w1 { g1 % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            if self.ready[w].load(Ordering::Acquire) & mask != mask {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Number of ready granules.
+    pub fn ready_count(&self) -> u64 {
+        self.ready
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+
+    /// Bytes of blob data that are ready (the last granule may be short).
+    pub fn ready_bytes(&self) -> u64 {
+        let n = self.ready_count();
+        if n == 0 {
+            return 0;
+        }
+        let last = self.granules() - 1;
+        let short = if self.is_ready(last) {
+            self.granules() * self.granule - self.size
+        } else {
+            0
+        };
+        n * self.granule - short
+    }
+
+    fn mark_ready(&self, g0: u64, n: u64) {
+        for g in g0..g0 + n {
+            self.ready[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::Release);
+        }
+    }
+
+    /// Fills granules `[g0, g0 + n)` from the backend, then marks them ready
+    /// and records that in the map file. Runs on a worker. Returns true when
+    /// the blob is now complete (and checked): it is then due a
+    /// [`Blob::checkpoint`], which the caller runs after answering.
+    pub fn fill(&self, backend: &dyn Backend, g0: u64, n: u64) -> Result<bool, BackendError> {
+        let start = g0 * self.granule;
+        let end = ((g0 + n) * self.granule).min(self.size);
+        backend.read_into(&self.id, start, end - start, &self.data)?;
+        // The fill that completes the blob checks it before its own granules
+        // are reported ready, so a blob never shows complete and unchecked.
+        if self.ready_count() + n == self.granules() {
+            self.verify(backend)?;
+        }
+        self.mark_ready(g0, n);
+        if let Err(e) = self.persist(false) {
+            // The bytes are valid in memory; only their persistence failed.
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+        if self.ready_count() < self.granules() {
+            return Ok(false);
+        }
+        // Two last fills that ran at once each saw the other missing: the
+        // check runs here instead (a no-op if it already passed).
+        self.verify(backend)?;
+        Ok(true)
+    }
+
+    /// Checks the complete blob with the backend, once; a mismatch throws
+    /// the cache away.
+    fn verify(&self, backend: &dyn Backend) -> Result<(), BackendError> {
+        if !backend.verifies()
+            || self
+                .verify_state
+                .compare_exchange(UNVERIFIED, VERIFYING, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return Ok(());
+        }
+        if let Err(e) = backend.verify(&self.id, &self.data, self.size) {
+            log::error!("blob {}: {e}; discarding its cache", self.id);
+            self.discard();
+            return Err(e);
+        }
+        self.verify_state.store(VERIFIED, Ordering::Release);
+        Ok(())
+    }
+
+    /// Forgets every ready granule and the bytes behind them.
+    fn discard(&self) {
+        for w in self.ready.iter() {
+            w.store(0, Ordering::Release);
+        }
+        self.verify_state.store(UNVERIFIED, Ordering::Release);
+        if let Err(e) = self.persist(false) {
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+        // Punch the bad bytes out; a failure here is harmless since nothing
+        // is marked ready any more.
+        let _ = self
+            .data
+            .set_len(0)
+            .and_then(|_| self.data.set_len(self.size));
+    }
+
+    /// Whether the complete blob passed the backend's integrity check.
+    pub fn is_verified(&self) -> bool {
+        self.verify_state.load(Ordering::Acquire) == VERIFIED
+    }
+
+    /// Makes everything marked ready durable: data first, then the map,
+    /// flagged as synced so it is trusted after a reboot too.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = self.encode_map(true);
+        self.data.sync_data()?;
+        map.write_all_at(&snapshot, 0)?;
+        map.sync_data()
+    }
+
+    fn persist(&self, synced: bool) -> io::Result<()> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // The snapshot is taken under the lock: a later writer's snapshot
+        // includes every bit an earlier one saw.
+        map.write_all_at(&self.encode_map(synced), 0)
+    }
+
+    fn encode_map(&self, synced: bool) -> Vec<u8> {
+        let h = MapHeader {
+            size: self.size,
+            granule: self.granule,
+            boot_id: self.boot_id,
+            synced,
+            verified: self.is_verified(),
+        };
+        map::encode(&h, self.ready.iter().map(|w| w.load(Ordering::Acquire)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::tests::setup;
+
+    #[test]
+    fn map_survives_reopen_and_rejects_damage() {
+        let (_d, cfg, be, data) = setup(5 * 4096, 4096);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        b.fill(&be, 1, 2).unwrap();
+        drop(b);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(!b.is_ready(0) && b.is_ready(1) && b.is_ready(2) && !b.is_ready(3));
+        let mut got = vec![0u8; 8192];
+        b.data.read_exact_at(&mut got, 4096).unwrap();
+        assert_eq!(got, data[4096..3 * 4096]);
+        drop(b);
+        // Flip one byte of the map: the whole map is discarded.
+        let mp = cfg.map_dir().join("b");
+        let mut m = std::fs::read(&mp).unwrap();
+        m[map::HEADER] ^= 0x40;
+        std::fs::write(&mp, &m).unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert_eq!(b.ready_count(), 0);
+        // A torn (truncated) map is discarded too.
+        b.fill(&be, 0, 1).unwrap();
+        drop(b);
+        let m = std::fs::read(&mp).unwrap();
+        std::fs::write(&mp, &m[..m.len() - 3]).unwrap();
+        assert_eq!(Blob::open(&cfg, &be, "b").unwrap().ready_count(), 0);
+    }
+
+    #[test]
+    fn offline_open_uses_the_map() {
+        let (d, cfg, be, _) = setup(3 * 4096, 4096);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        b.fill(&be, 0, 1).unwrap();
+        drop(b);
+        std::fs::remove_file(d.path().join("be/b")).unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert_eq!(b.size(), 3 * 4096);
+        assert!(b.is_ready(0));
+        assert!(matches!(
+            Blob::open(&cfg, &be, "other"),
+            Err(OpenError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn ready_bytes_counts_a_short_last_granule() {
+        let (_d, cfg, be, _) = setup(2 * 4096 + 100, 4096);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert_eq!(b.ready_bytes(), 0);
+        b.fill(&be, 2, 1).unwrap();
+        assert_eq!(b.ready_bytes(), 100);
+        b.fill(&be, 0, 1).unwrap();
+        assert_eq!(b.ready_bytes(), 4196);
+    }
+}

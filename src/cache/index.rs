@@ -1,0 +1,490 @@
+//! The reactor's table of cached blobs: which are open, which granules are
+//! being filled (so each is fetched once however many clients ask), the
+//! least-recently-used order and the byte limit, and the breaker that stops
+//! calling a backend that hung on a blob. No I/O happens here.
+
+use super::{scan_data_dir, Blob, CacheConfig};
+use crate::jobs::JobId;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A blob's slot in the index. A slot is reused once its blob is evicted,
+/// which happens only to blobs no token holds and no fill is filling, so a
+/// key is stable while a token or an in-flight fill refers to it; a late
+/// completion checks that the slot still holds its blob.
+pub type BlobKey = usize;
+
+/// What a FetchRange needs, as the index sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Every granule is ready: `count` bytes from start are valid now.
+    Ready { count: u64 },
+    /// start >= blob size.
+    OutOfRange,
+    /// The backend hung on this blob recently: fail without waiting.
+    Unavailable,
+    /// `count` bytes become valid once the fills in flight that the range
+    /// needs (`waiting_on`) and the new runs of granules `(g0, n)` (`runs`,
+    /// to be started and recorded with [`Index::fill_started`]) are done.
+    Wait {
+        count: u64,
+        waiting_on: Vec<JobId>,
+        runs: Vec<(u64, u64)>,
+    },
+}
+
+struct OpenBlob {
+    blob: Arc<Blob>,
+    /// In-flight fills by first granule: (granule count, job).
+    inflight: BTreeMap<u64, (u64, JobId)>,
+    /// Tokens on live connections that name this blob.
+    refs: usize,
+    /// Logical time of the last GetBlob or FetchRange.
+    last_used: u64,
+    /// Bytes of data counted against the limit.
+    bytes: u64,
+    /// Set when a fill of this blob timed out: until `until`, fetches that
+    /// need the backend fail at once; after it, one probe fill at a time.
+    hung: Option<Hung>,
+}
+
+#[derive(Clone, Copy)]
+struct Hung {
+    until: Instant,
+    strikes: u32,
+}
+
+/// A blob whose files are in the work dir but that no client opened since
+/// the daemon started.
+struct ColdBlob {
+    bytes: u64,
+    last_used: u64,
+}
+
+/// The table of cached blobs. See the module docs.
+pub struct Index {
+    cfg: Arc<CacheConfig>,
+    by_id: HashMap<String, BlobKey>,
+    blobs: slab::Slab<OpenBlob>,
+    cold: HashMap<String, ColdBlob>,
+    /// Data bytes of every blob, open or cold.
+    used: u64,
+    clock: u64,
+    /// Ids whose files are to be deleted (see [`Index::take_evictions`]).
+    evicted: Vec<String>,
+}
+
+impl Index {
+    /// The index over `cfg.workdir`. With a limit, the blobs already on disk
+    /// are counted (one directory scan, before serving).
+    pub fn new(cfg: Arc<CacheConfig>) -> Index {
+        let mut cold = HashMap::new();
+        let mut used = 0;
+        let mut clock = 0;
+        if cfg.limit.is_some() {
+            let mut found = scan_data_dir(&cfg.data_dir());
+            // Oldest first: their logical time is their rank.
+            found.sort_by_key(|(_, _, mtime)| *mtime);
+            for (id, bytes, _) in found {
+                used += bytes;
+                clock += 1;
+                let last_used = clock;
+                cold.insert(id, ColdBlob { bytes, last_used });
+            }
+        }
+        Index {
+            cfg,
+            by_id: HashMap::new(),
+            blobs: slab::Slab::new(),
+            cold,
+            used,
+            clock,
+            evicted: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Arc<CacheConfig> {
+        &self.cfg
+    }
+
+    /// The open blob named `id`, if any.
+    pub fn lookup(&self, id: &str) -> Option<BlobKey> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn blob(&self, key: BlobKey) -> Option<&Arc<Blob>> {
+        self.blobs.get(key).map(|b| &b.blob)
+    }
+
+    /// Open blobs.
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    /// Adds a blob a worker opened; if another open of the same id won the
+    /// race, that one is kept and returned.
+    pub fn insert(&mut self, blob: Blob) -> BlobKey {
+        if let Some(&k) = self.by_id.get(blob.id()) {
+            return k;
+        }
+        self.forget_cold(blob.id());
+        let bytes = blob.ready_bytes();
+        self.used += bytes;
+        self.clock += 1;
+        let id = blob.id().to_owned();
+        let key = self.blobs.insert(OpenBlob {
+            blob: Arc::new(blob),
+            inflight: BTreeMap::new(),
+            refs: 0,
+            last_used: self.clock,
+            bytes,
+            hung: None,
+        });
+        self.by_id.insert(id, key);
+        key
+    }
+
+    /// A blob on disk is being opened: it stops being an eviction candidate
+    /// (its bytes are counted again by [`Index::insert`]).
+    pub fn forget_cold(&mut self, id: &str) {
+        if let Some(c) = self.cold.remove(id) {
+            self.used -= c.bytes;
+        }
+    }
+
+    /// A token naming `key` was handed out; the blob is not evicted while
+    /// any is held.
+    pub fn acquire(&mut self, key: BlobKey) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            ob.refs += 1;
+        }
+    }
+
+    /// A token naming `key` was dropped.
+    pub fn release(&mut self, key: BlobKey) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            ob.refs = ob.refs.saturating_sub(1);
+        }
+    }
+
+    /// Data bytes counted against the limit.
+    pub fn used_bytes(&self) -> u64 {
+        self.used
+    }
+
+    /// Ids whose files must be deleted, chosen since the last call. Until
+    /// the deletion is done, the caller must not open these ids again.
+    pub fn take_evictions(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Every open blob, for checkpoints at shutdown.
+    pub fn blobs(&self) -> impl Iterator<Item = &Arc<Blob>> {
+        self.blobs.iter().map(|(_, b)| &b.blob)
+    }
+
+    /// Plans a FetchRange of `[start, start + count)` on `key`: ready,
+    /// impossible, or the fills it must wait for. `now` is asked only when
+    /// the blob is in a cool-down.
+    pub fn plan(
+        &mut self,
+        key: BlobKey,
+        start: u64,
+        count: u64,
+        now: impl FnOnce() -> Instant,
+    ) -> Plan {
+        let Some(ob) = self.blobs.get_mut(key) else {
+            return Plan::OutOfRange;
+        };
+        self.clock += 1;
+        ob.last_used = self.clock;
+        let blob = &ob.blob;
+        let size = blob.size();
+        if start >= size {
+            return Plan::OutOfRange;
+        }
+        let end = start.saturating_add(count).min(size);
+        if end == start {
+            return Plan::Ready { count: 0 };
+        }
+        let g = blob.granule_size();
+        let (g0, g1) = (start / g, (end - 1) / g);
+        if blob.all_ready(g0, g1) {
+            return Plan::Ready { count: end - start };
+        }
+        // After a timeout, the backend is left alone for a while, then
+        // probed with one fill at a time until one succeeds.
+        let probing = match ob.hung {
+            Some(h) if now() < h.until => return Plan::Unavailable,
+            Some(_) => true,
+            None => false,
+        };
+        let max_run = (self.cfg.max_job / g).max(1);
+        let mut waiting_on: Vec<JobId> = Vec::new();
+        let mut runs = Vec::new();
+        let mut gi = g0;
+        while gi <= g1 {
+            if blob.is_ready(gi) {
+                gi += 1;
+                continue;
+            }
+            // Already being filled by a job that covers gi?
+            if let Some((&j0, &(n, job))) = ob.inflight.range(..=gi).next_back() {
+                if gi < j0 + n {
+                    if waiting_on.last() != Some(&job) {
+                        waiting_on.push(job);
+                    }
+                    gi = j0 + n;
+                    continue;
+                }
+            }
+            // A run of granules that are neither ready nor in flight.
+            if probing && (!ob.inflight.is_empty() || !runs.is_empty()) {
+                // The probe is out; this request cannot be served now.
+                return Plan::Unavailable;
+            }
+            let next_inflight = ob
+                .inflight
+                .range(gi..)
+                .next()
+                .map_or(u64::MAX, |(&j0, _)| j0);
+            let mut n = 0;
+            while gi + n <= g1 && n < max_run && gi + n < next_inflight && !blob.is_ready(gi + n) {
+                n += 1;
+            }
+            runs.push((gi, n));
+            gi += n;
+        }
+        Plan::Wait {
+            count: end - start,
+            waiting_on,
+            runs,
+        }
+    }
+
+    /// Records that `job` fills granules `[g0, g0 + n)` of `key`.
+    pub fn fill_started(&mut self, key: BlobKey, g0: u64, n: u64, job: JobId) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            ob.inflight.insert(g0, (n, job));
+        }
+    }
+
+    /// The open blob at `key`, if that slot still holds `blob`.
+    fn holding(&mut self, key: BlobKey, blob: &Arc<Blob>) -> Option<&mut OpenBlob> {
+        self.blobs
+            .get_mut(key)
+            .filter(|ob| Arc::ptr_eq(&ob.blob, blob))
+    }
+
+    /// Records that fill `job` of `blob` (at granule `g0`) returned, in time
+    /// or after it was abandoned. The blob's bytes are counted from its
+    /// ready bits, so a late success is credited and nothing is counted
+    /// twice; then the limit is enforced.
+    pub fn fill_finished(&mut self, key: BlobKey, blob: &Arc<Blob>, g0: u64, job: JobId, ok: bool) {
+        if let Some(ob) = self.holding(key, blob) {
+            if ob.inflight.get(&g0).is_some_and(|&(_, j)| j == job) {
+                ob.inflight.remove(&g0);
+            }
+            if ok {
+                ob.hung = None;
+            }
+            let bytes = ob.blob.ready_bytes();
+            let before = std::mem::replace(&mut ob.bytes, bytes);
+            self.used = (self.used + bytes).saturating_sub(before);
+        }
+        self.enforce_limit();
+    }
+
+    /// Records that a fill of `key` ran past the backend timeout: the blob
+    /// is left alone for a cool-down that doubles with each strike (up to 16
+    /// timeouts), then probed one fill at a time.
+    pub fn fill_timed_out(&mut self, key: BlobKey, now: Instant, timeout: Duration) {
+        if let Some(ob) = self.blobs.get_mut(key) {
+            let strikes = ob.hung.map_or(0, |h| h.strikes + 1);
+            let cool_down = timeout * (1 << strikes.min(4));
+            ob.hung = Some(Hung {
+                until: now + cool_down,
+                strikes,
+            });
+            log::warn!(
+                "blob {}: backend timed out; failing its fetches for {cool_down:?}",
+                ob.blob.id()
+            );
+        }
+    }
+
+    /// While over the limit, evicts the least recently used blobs nobody
+    /// holds (no token on a live connection, no fill in flight), down to 90%
+    /// of the limit. Clients that still hold an evicted blob's fd keep
+    /// reading its bytes: the files are unlinked, not overwritten.
+    fn enforce_limit(&mut self) {
+        let Some(limit) = self.cfg.limit else {
+            return;
+        };
+        if self.used <= limit {
+            return;
+        }
+        let target = limit - limit / 10;
+        while self.used > target {
+            let Some((key, id)) = self.lru_victim() else {
+                log::warn!(
+                    "cache holds {} bytes, over its limit of {limit}, but every blob is in use",
+                    self.used
+                );
+                return;
+            };
+            let bytes = match key {
+                Some(k) => {
+                    self.by_id.remove(&id);
+                    self.blobs.remove(k).bytes
+                }
+                None => self.cold.remove(&id).map_or(0, |c| c.bytes),
+            };
+            self.used -= bytes.min(self.used);
+            log::info!("evicting blob {id} ({bytes} bytes) to stay under the cache limit");
+            self.evicted.push(id);
+        }
+    }
+
+    /// The least recently used blob no one holds: its key if open, and id.
+    fn lru_victim(&self) -> Option<(Option<BlobKey>, String)> {
+        let open = self
+            .blobs
+            .iter()
+            .filter(|(_, b)| b.refs == 0 && b.inflight.is_empty())
+            .min_by_key(|(_, b)| b.last_used)
+            .map(|(k, b)| (b.last_used, Some(k), b.blob.id()));
+        let cold = self
+            .cold
+            .iter()
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(id, c)| (c.last_used, None, id.as_str()));
+        let victim = match (open, cold) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        victim.map(|(_, key, id)| (key, id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::tests::setup;
+
+    /// Starts every run of a plan with consecutive job ids from `next`.
+    fn start_runs(
+        index: &mut Index,
+        key: BlobKey,
+        plan: &Plan,
+        next: &mut JobId,
+    ) -> Vec<(JobId, u64, u64)> {
+        let Plan::Wait { runs, .. } = plan else {
+            return Vec::new();
+        };
+        runs.iter()
+            .map(|&(g0, n)| {
+                *next += 1;
+                index.fill_started(key, g0, n, *next);
+                (*next, g0, n)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plans_fills_once_and_coalesces() {
+        let (_d, cfg, be, _) = setup(10 * 4096 + 5, 4096);
+        let mut index = Index::new(cfg.clone());
+        let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let now = Instant::now();
+        assert_eq!(index.plan(key, 10 * 4096 + 5, 1, || now), Plan::OutOfRange);
+        // Granules 0..=10 (11 granules), max job 2 granules: 6 runs.
+        let plan = index.plan(key, 0, u64::MAX, || now);
+        let mut next = 0;
+        let jobs = start_runs(&mut index, key, &plan, &mut next);
+        assert_eq!(jobs.len(), 6);
+        assert!(matches!(plan, Plan::Wait { count, .. } if count == 10 * 4096 + 5));
+        // A second asker of an overlapping range waits on the same jobs.
+        match index.plan(key, 4096 * 3 + 1, 4096 * 2, || now) {
+            Plan::Wait {
+                count,
+                waiting_on,
+                runs,
+            } => {
+                assert_eq!((count, waiting_on, runs), (8192, vec![2, 3], vec![]));
+            }
+            other => panic!("{other:?}"),
+        }
+        let blob = index.blob(key).unwrap().clone();
+        for &(job, g0, n) in &jobs {
+            blob.fill(&be, g0, n).unwrap();
+            index.fill_finished(key, &blob, g0, job, true);
+        }
+        assert_eq!(
+            index.plan(key, 7, 40_000, || now),
+            Plan::Ready { count: 40_000 }
+        );
+        assert_eq!(index.used_bytes(), 10 * 4096 + 5);
+    }
+
+    #[test]
+    fn a_timed_out_blob_fails_fast_then_is_probed_one_fill_at_a_time() {
+        let (_d, cfg, be, _) = setup(10 * 4096, 4096);
+        let mut index = Index::new(cfg.clone());
+        let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let blob = index.blob(key).unwrap().clone();
+        let t0 = Instant::now();
+        let mut next = 0;
+        let p = index.plan(key, 0, 8192, || t0);
+        let first = start_runs(&mut index, key, &p, &mut next);
+        let p = index.plan(key, 3 * 4096, 8192, || t0);
+        let second = start_runs(&mut index, key, &p, &mut next);
+        assert_eq!((first.len(), second.len()), (1, 1));
+        let timeout = Duration::from_millis(30);
+        index.fill_timed_out(key, t0, timeout);
+        for &(job, g0, _) in first.iter().chain(&second) {
+            index.fill_finished(key, &blob, g0, job, false);
+        }
+        assert_eq!(index.plan(key, 0, 10, || t0), Plan::Unavailable);
+        // Cool-down over: one probe; a second range cannot start another.
+        let later = t0 + timeout + Duration::from_millis(1);
+        let p = index.plan(key, 0, 10, || later);
+        let probe = start_runs(&mut index, key, &p, &mut next);
+        assert_eq!(probe.len(), 1);
+        assert_eq!(index.plan(key, 5 * 4096, 10, || later), Plan::Unavailable);
+        let (job, g0, n) = probe[0];
+        blob.fill(&be, g0, n).unwrap();
+        index.fill_finished(key, &blob, g0, job, true);
+        // A success clears the strike: fetches plan fills normally again.
+        assert!(matches!(
+            index.plan(key, 5 * 4096, 10, || later),
+            Plan::Wait { ref runs, .. } if runs.len() == 1
+        ));
+    }
+
+    #[test]
+    fn a_late_fill_is_credited_once() {
+        let (_d, cfg, be, _) = setup(4 * 4096, 4096);
+        let mut index = Index::new(cfg.clone());
+        let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let blob = index.blob(key).unwrap().clone();
+        let p = index.plan(key, 0, 4096, Instant::now);
+        let mut next = 0;
+        let (job, g0, n) = start_runs(&mut index, key, &p, &mut next)[0];
+        // Abandoned: recorded as failed while the worker still runs.
+        index.fill_finished(key, &blob, g0, job, false);
+        assert_eq!(index.used_bytes(), 0);
+        // The stuck worker returns with the bytes written.
+        blob.fill(&be, g0, n).unwrap();
+        index.fill_finished(key, &blob, g0, job, true);
+        assert_eq!(index.used_bytes(), 4096);
+        // The same completion seen twice is not counted twice.
+        index.fill_finished(key, &blob, g0, job, true);
+        assert_eq!(index.used_bytes(), 4096);
+    }
+}

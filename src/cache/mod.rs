@@ -1,0 +1,191 @@
+//! The blob cache: per blob a sparse data file and a persisted readiness map
+//! (one bit per granule), and the index that decides which granules to fill
+//! and which blobs to evict.
+//!
+//! - [`blob`]: one blob's files and bits; filled and persisted by workers.
+//! - [`map`]: the readiness map's on-disk format.
+//! - [`index`]: the reactor-side table of blobs, LRU and limit, fill planning
+//!   and the hung-backend breaker.
+//!
+//! On-disk layout and crash reasoning: docs/CACHE.md.
+
+pub mod blob;
+pub mod index;
+pub mod map;
+
+pub use blob::Blob;
+pub use index::{BlobKey, Index, Plan};
+
+use crate::backend::BackendError;
+use crate::protocol::Errno;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Default granule: see docs/PERFORMANCE.md for the measurement behind it.
+pub const DEFAULT_GRANULE: u64 = 1 << 20;
+/// Largest single fill job; longer runs of missing granules are split so
+/// several workers fill one cold range in parallel.
+pub const DEFAULT_MAX_JOB: u64 = 4 << 20;
+
+/// Where and how the cache keeps its files.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub workdir: PathBuf,
+    /// Readiness granule in bytes (a power of two, at least 4 KiB).
+    pub granule: u64,
+    /// Largest fill job in bytes (a multiple of the granule).
+    pub max_job: u64,
+    /// Most bytes of blob data to keep; past it, the least recently used
+    /// blobs that no connection holds a token for are deleted. `None`: no
+    /// limit.
+    pub limit: Option<u64>,
+}
+
+impl CacheConfig {
+    pub fn new(workdir: impl Into<PathBuf>) -> CacheConfig {
+        CacheConfig {
+            workdir: workdir.into(),
+            granule: DEFAULT_GRANULE,
+            max_job: DEFAULT_MAX_JOB,
+            limit: None,
+        }
+    }
+
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.workdir.join("data")
+    }
+
+    pub(crate) fn map_dir(&self) -> PathBuf {
+        self.workdir.join("map")
+    }
+
+    /// Creates the work dir layout and checks the granule.
+    pub fn prepare(&self) -> io::Result<()> {
+        if !self.granule.is_power_of_two() || self.granule < 4096 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("granule {} is not a power of two >= 4096", self.granule),
+            ));
+        }
+        for d in [self.data_dir(), self.map_dir()] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", d.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a blob could not be opened, as GetBlob answers it.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Neither the backend nor the cache knows the blob.
+    NotFound,
+    /// The backend failed and the cache has no valid copy.
+    Backend(BackendError),
+    /// A cache file could not be opened, sized or examined.
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl OpenError {
+    fn file(what: &'static str, path: &Path, source: io::Error) -> OpenError {
+        OpenError::File {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// The errno GetBlob answers with.
+    pub fn errno(&self) -> Errno {
+        match self {
+            OpenError::NotFound => Errno::NoEnt,
+            OpenError::Backend(_) | OpenError::File { .. } => Errno::Io,
+        }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::NotFound => write!(f, "no such blob"),
+            OpenError::Backend(e) => write!(f, "backend: {e}"),
+            OpenError::File { what, path, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OpenError::NotFound => None,
+            OpenError::Backend(e) => Some(e),
+            OpenError::File { source, .. } => Some(source),
+        }
+    }
+}
+
+/// Every regular file of the data dir: (id, allocated bytes, mtime).
+pub(crate) fn scan_data_dir(dir: &Path) -> Vec<(String, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let meta = e.metadata().ok()?;
+            let id = e.file_name().into_string().ok()?;
+            meta.is_file()
+                .then(|| (id, meta.blocks() * 512, meta.mtime()))
+        })
+        .collect()
+}
+
+/// Deletes the files of blob `id` (an eviction). Runs on a worker.
+pub fn remove_blob_files(cfg: &CacheConfig, id: &str) -> io::Result<()> {
+    for path in [cfg.map_dir().join(id), cfg.data_dir().join(id)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("remove {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::backend::LocalFs;
+    use std::sync::Arc;
+
+    /// A work dir and a local backend holding blob "b" of `size` patterned
+    /// bytes.
+    pub fn setup(
+        size: usize,
+        granule: u64,
+    ) -> (tempfile::TempDir, Arc<CacheConfig>, LocalFs, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let be_dir = dir.path().join("be");
+        std::fs::create_dir(&be_dir).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 + 7) as u8).collect();
+        std::fs::write(be_dir.join("b"), &data).unwrap();
+        let mut cfg = CacheConfig::new(dir.path().join("work"));
+        cfg.granule = granule;
+        cfg.max_job = granule * 2;
+        cfg.prepare().unwrap();
+        (dir, Arc::new(cfg), LocalFs::new(be_dir), data)
+    }
+}

@@ -1,0 +1,219 @@
+//! The job table: every piece of slow work the service hands to the worker
+//! pool (open a blob, fill granules, delete an evicted blob's files,
+//! checkpoint a completed blob) gets one id from one allocator, a typed
+//! [`JobKind`], and the waiters to wake when it is done.
+//!
+//! A job that runs past the backend timeout is *abandoned*: its waiters are
+//! failed at once, but its entry stays until the worker really returns, so
+//! the late result is still seen (a late fill's bytes are credited; a late
+//! delete keeps its blob exclusive until its files are really gone).
+
+use crate::backend::{Backend, BackendError};
+use crate::cache::{self, Blob, BlobKey, CacheConfig, OpenError};
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+/// Identifies a job, from submission to completion.
+pub type JobId = u64;
+
+/// What a job does.
+#[derive(Clone, Debug)]
+pub enum JobKind {
+    /// Open (or create) the cache files of blob `id`.
+    Open { id: String },
+    /// Fill granules `[g0, g0 + n)` of the blob at `key`.
+    Fill {
+        key: BlobKey,
+        blob: Arc<Blob>,
+        g0: u64,
+        n: u64,
+    },
+    /// Delete the files of evicted blob `id`.
+    Delete { id: String },
+    /// Make a completed blob durable; nobody waits on it.
+    Checkpoint { blob: Arc<Blob> },
+}
+
+/// What a job produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Opened(Result<Blob, OpenError>),
+    /// A fill; on success, whether it completed the blob.
+    Filled(Result<bool, BackendError>),
+    Deleted(io::Result<()>),
+    Checkpointed(io::Result<()>),
+}
+
+/// Turns a [`JobKind`] into the closure a worker runs.
+#[derive(Clone)]
+pub struct Runner {
+    backend: Arc<dyn Backend>,
+    cache: Arc<CacheConfig>,
+}
+
+impl Runner {
+    pub fn new(backend: Arc<dyn Backend>, cache: Arc<CacheConfig>) -> Runner {
+        Runner { backend, cache }
+    }
+
+    /// The work of `kind`, to run on a worker thread.
+    pub fn work(&self, kind: JobKind) -> impl FnOnce() -> Outcome + Send + 'static {
+        let this = self.clone();
+        move || match kind {
+            JobKind::Open { id } => {
+                Outcome::Opened(Blob::open(&this.cache, this.backend.as_ref(), &id))
+            }
+            JobKind::Fill { blob, g0, n, .. } => {
+                Outcome::Filled(blob.fill(this.backend.as_ref(), g0, n))
+            }
+            JobKind::Delete { id } => Outcome::Deleted(cache::remove_blob_files(&this.cache, &id)),
+            JobKind::Checkpoint { blob } => Outcome::Checkpointed(blob.checkpoint()),
+        }
+    }
+}
+
+struct Entry<W> {
+    kind: JobKind,
+    waiters: Vec<W>,
+    /// Past the timeout: its waiters were failed; the entry waits for the
+    /// worker to return.
+    abandoned: bool,
+}
+
+/// A job that left the table: what it was, who waited, and whether it had
+/// been abandoned (its waiters then were already failed, and are empty).
+pub struct Finished<W> {
+    pub kind: JobKind,
+    pub waiters: Vec<W>,
+    pub late: bool,
+}
+
+/// Jobs in flight, each with its waiters `W`. See the module docs.
+pub struct JobTable<W> {
+    next: JobId,
+    entries: HashMap<JobId, Entry<W>>,
+    /// Started since the last [`JobTable::take_started`], for the pool.
+    started: Vec<(JobId, JobKind)>,
+}
+
+impl<W> Default for JobTable<W> {
+    fn default() -> Self {
+        JobTable {
+            next: 1,
+            entries: HashMap::new(),
+            started: Vec::new(),
+        }
+    }
+}
+
+impl<W> JobTable<W> {
+    /// Records a new job and queues it for the pool; returns its id.
+    pub fn start(&mut self, kind: JobKind) -> JobId {
+        let id = self.next;
+        self.next += 1;
+        self.started.push((id, kind.clone()));
+        self.entries.insert(
+            id,
+            Entry {
+                kind,
+                waiters: Vec::new(),
+                abandoned: false,
+            },
+        );
+        id
+    }
+
+    /// Jobs started since the last call, to submit to the worker pool.
+    pub fn take_started(&mut self) -> std::vec::Drain<'_, (JobId, JobKind)> {
+        self.started.drain(..)
+    }
+
+    /// Adds `waiter` to job `id`; false if there is no such live job.
+    pub fn wait(&mut self, id: JobId, waiter: W) -> bool {
+        match self.entries.get_mut(&id) {
+            Some(e) if !e.abandoned => {
+                e.waiters.push(waiter);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What job `id` is, if it is in the table.
+    pub fn kind(&self, id: JobId) -> Option<&JobKind> {
+        self.entries.get(&id).map(|e| &e.kind)
+    }
+
+    /// Removes job `id` because its worker returned (or it was cancelled
+    /// before starting).
+    pub fn finish(&mut self, id: JobId) -> Option<Finished<W>> {
+        self.entries.remove(&id).map(|e| Finished {
+            kind: e.kind,
+            waiters: e.waiters,
+            late: e.abandoned,
+        })
+    }
+
+    /// Marks job `id` abandoned (its worker is stuck past the timeout) and
+    /// returns its waiters to fail now; `None` if it is unknown or was
+    /// abandoned already.
+    pub fn abandon(&mut self, id: JobId) -> Option<(JobKind, Vec<W>)> {
+        let e = self.entries.get_mut(&id).filter(|e| !e.abandoned)?;
+        e.abandoned = true;
+        Some((e.kind.clone(), std::mem::take(&mut e.waiters)))
+    }
+
+    /// Live (not abandoned) fill jobs of the blob at `key`, except `but`.
+    pub fn fills_of(&self, key: BlobKey, but: JobId) -> Vec<JobId> {
+        self.entries
+            .iter()
+            .filter(|(&id, e)| {
+                id != but
+                    && !e.abandoned
+                    && matches!(e.kind, JobKind::Fill { key: k, .. } if k == key)
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Jobs in the table that are not abandoned.
+    pub fn live(&self) -> usize {
+        self.entries.values().filter(|e| !e.abandoned).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_waiters_come_back() {
+        let mut t: JobTable<u32> = JobTable::default();
+        let a = t.start(JobKind::Delete { id: "a".into() });
+        let b = t.start(JobKind::Open { id: "b".into() });
+        assert_ne!(a, b);
+        assert_eq!(t.take_started().count(), 2);
+        assert!(t.wait(a, 7) && t.wait(a, 8));
+        let f = t.finish(a).unwrap();
+        assert_eq!((f.waiters, f.late), (vec![7, 8], false));
+        assert!(t.finish(a).is_none(), "a job finishes once");
+        assert!(!t.wait(a, 9));
+    }
+
+    #[test]
+    fn an_abandoned_job_stays_until_its_worker_returns() {
+        let mut t: JobTable<u32> = JobTable::default();
+        let a = t.start(JobKind::Delete { id: "a".into() });
+        t.wait(a, 1);
+        let (kind, waiters) = t.abandon(a).unwrap();
+        assert!(matches!(kind, JobKind::Delete { .. }));
+        assert_eq!(waiters, vec![1]);
+        assert!(t.abandon(a).is_none(), "abandoned once");
+        assert!(!t.wait(a, 2), "nobody waits on an abandoned job");
+        assert_eq!(t.live(), 0);
+        assert!(t.kind(a).is_some());
+        let f = t.finish(a).unwrap();
+        assert!(f.late && f.waiters.is_empty());
+    }
+}

@@ -1,0 +1,541 @@
+//! The request service: the protocol's rules with no I/O. It keeps each
+//! connection's session (generation and tokens), turns requests into replies
+//! and jobs, and job completions into the replies their waiters were owed.
+//!
+//! Input comes from the reactor (`request`, `open_session`, `close_session`)
+//! and from the server's completion queue (`job_done`, `job_expired`);
+//! output leaves through [`Service::take_output`] (replies, with their fds)
+//! and [`Service::take_jobs`] (work for the pool). Nothing here calls back.
+
+use crate::backend::Backend;
+use crate::cache::{BlobKey, Index, Plan};
+use crate::connection::ConnId;
+use crate::jobs::{JobId, JobKind, JobTable, Outcome};
+use crate::protocol::{self, Errno, FetchResult, Message, Reply, Request};
+use slab::Slab;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the service emits for the reactor.
+#[derive(Debug)]
+pub enum Output {
+    /// Send `reply` to request `tag` of `conn`, with `fd` when it carries one.
+    Reply {
+        conn: ConnId,
+        tag: u64,
+        reply: Reply,
+        fd: Option<Arc<OwnedFd>>,
+    },
+    /// A request of `conn` finished without a reply (a prefetch): its
+    /// backpressure may have cleared.
+    Progress(ConnId),
+}
+
+/// Counters of the service.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServiceStats {
+    pub requests: u64,
+    pub fetch_hits: u64,
+    pub fills_started: u64,
+    pub fills_failed: u64,
+    pub jobs_timed_out: u64,
+}
+
+/// The tokens of one connection's current generation and the blobs they
+/// hold. Every change of the index's reference counts goes through here.
+#[derive(Default)]
+struct Tokens(HashMap<u32, BlobKey>);
+
+impl Tokens {
+    fn get(&self, n: u32) -> Option<BlobKey> {
+        self.0.get(&n).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn add(&mut self, n: u32, key: BlobKey, index: &mut Index) {
+        index.acquire(key);
+        if let Some(old) = self.0.insert(n, key) {
+            index.release(old);
+        }
+    }
+
+    fn clear(&mut self, index: &mut Index) {
+        for (_, key) in self.0.drain() {
+            index.release(key);
+        }
+    }
+}
+
+/// Per-connection protocol state.
+struct Session {
+    conn: ConnId,
+    generation: u32,
+    next_n: u32,
+    tokens: Tokens,
+    /// Requests waiting on jobs (for the reactor's backpressure).
+    waiting: usize,
+}
+
+/// A FetchRange waiting on fill jobs.
+struct PendingFetch {
+    conn: ConnId,
+    tag: u64,
+    token: u64,
+    count: u64,
+    remaining: usize,
+    failed: bool,
+    reply: bool,
+}
+
+/// A GetBlob waiting for its blob to be opened.
+struct PendingOpen {
+    conn: ConnId,
+    tag: u64,
+    generation: u32,
+}
+
+/// The files of an evicted blob are being deleted; a GetBlob of it waits,
+/// or fails at once if the delete is stuck past the backend timeout.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deletion {
+    Running,
+    Stuck,
+}
+
+/// The request service. See the module docs.
+pub struct Service {
+    backend: Arc<dyn Backend>,
+    max_tokens: usize,
+    index: Index,
+    jobs: JobTable<usize>,
+    /// Indexed by [`ConnId::key`]; the stored id checks the generation.
+    sessions: Vec<Option<Session>>,
+    fetches: Slab<PendingFetch>,
+    opening: HashMap<String, Vec<PendingOpen>>,
+    deleting: HashMap<String, Deletion>,
+    outbox: Vec<Output>,
+    stats: ServiceStats,
+}
+
+/// The live session of `conn`, if any (a free function so the borrow stays
+/// on the sessions alone).
+fn session(sessions: &mut [Option<Session>], conn: ConnId) -> Option<&mut Session> {
+    sessions
+        .get_mut(conn.key())?
+        .as_mut()
+        .filter(|s| s.conn == conn)
+}
+
+impl Service {
+    /// A service over `index` for `backend`'s ids; a connection holds at
+    /// most `max_tokens` tokens.
+    pub fn new(backend: Arc<dyn Backend>, index: Index, max_tokens: usize) -> Service {
+        Service {
+            backend,
+            max_tokens,
+            index,
+            jobs: JobTable::default(),
+            sessions: Vec::new(),
+            fetches: Slab::new(),
+            opening: HashMap::new(),
+            deleting: HashMap::new(),
+            outbox: Vec::new(),
+            stats: ServiceStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ServiceStats {
+        self.stats
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Replies and progress notes for the reactor, in order.
+    pub fn take_output(&mut self) -> std::vec::Drain<'_, Output> {
+        self.outbox.drain(..)
+    }
+
+    /// Whether output is waiting.
+    pub fn has_output(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Jobs to hand to the worker pool.
+    pub fn take_jobs(&mut self) -> std::vec::Drain<'_, (JobId, JobKind)> {
+        self.jobs.take_started()
+    }
+
+    /// Jobs in flight (not abandoned).
+    pub fn jobs_in_flight(&self) -> usize {
+        self.jobs.live()
+    }
+
+    /// Requests of `conn` waiting on jobs.
+    pub fn waiting(&mut self, conn: ConnId) -> usize {
+        session(&mut self.sessions, conn).map_or(0, |s| s.waiting)
+    }
+
+    /// A connection was accepted.
+    pub fn open_session(&mut self, conn: ConnId) {
+        let key = conn.key();
+        if self.sessions.len() <= key {
+            self.sessions.resize_with(key + 1, || None);
+        }
+        self.sessions[key] = Some(Session {
+            conn,
+            generation: 0,
+            next_n: 0,
+            tokens: Tokens::default(),
+            waiting: 0,
+        });
+    }
+
+    /// A connection closed: its tokens are released. Its waiting requests
+    /// stay where they are; their replies are dropped when their jobs end.
+    pub fn close_session(&mut self, conn: ConnId) {
+        if let Some(mut s) = self.sessions.get_mut(conn.key()).and_then(|s| s.take()) {
+            s.tokens.clear(&mut self.index);
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, tag: u64, reply: Reply, fd: Option<Arc<OwnedFd>>) {
+        self.outbox.push(Output::Reply {
+            conn,
+            tag,
+            reply,
+            fd,
+        });
+    }
+
+    /// Handles one decoded request of `conn`.
+    pub fn request(&mut self, conn: ConnId, m: Message) {
+        self.stats.requests += 1;
+        let tag = m.header.tag;
+        match m.request {
+            Request::Noop => self.reply(conn, tag, Reply::Noop, None),
+            Request::GetBlob { generation, id } => self.get_blob(conn, tag, generation, &id),
+            Request::FetchRange {
+                token,
+                start,
+                count,
+            } => {
+                let need = m.header.need_reply();
+                self.fetch_range(conn, tag, need, token, start, count)
+            }
+        }
+    }
+
+    fn get_blob(&mut self, conn: ConnId, tag: u64, generation: u32, raw: &[u8; 256]) {
+        let Some(s) = session(&mut self.sessions, conn) else {
+            return;
+        };
+        if s.generation != generation {
+            // Tokens of other generations can never be used again.
+            s.generation = generation;
+            s.tokens.clear(&mut self.index);
+        }
+        let id = match protocol::parse_blob_id(raw) {
+            Ok(id) => id,
+            Err(e) => {
+                log::debug!("GetBlob on connection {conn}: {e}");
+                return self.reply(conn, tag, Reply::blob_error(Errno::Inval), None);
+            }
+        };
+        let Some(id) = self.backend.canonical_id(id) else {
+            return self.reply(conn, tag, Reply::blob_error(Errno::Inval), None);
+        };
+        if let Some(key) = self.index.lookup(&id) {
+            return self.answer_get_blob(conn, tag, generation, key);
+        }
+        let deletion = self.deleting.get(&id).copied();
+        if deletion == Some(Deletion::Stuck) {
+            log::info!("GetBlob {id}: its evicted files are still being deleted");
+            return self.reply(conn, tag, Reply::blob_error(Errno::Io), None);
+        }
+        s.waiting += 1;
+        let waiter = PendingOpen {
+            conn,
+            tag,
+            generation,
+        };
+        if let Some(waiters) = self.opening.get_mut(&id) {
+            waiters.push(waiter);
+            return;
+        }
+        self.opening.insert(id.clone(), vec![waiter]);
+        if deletion.is_none() {
+            self.start_open(id);
+        }
+    }
+
+    fn start_open(&mut self, id: String) {
+        self.index.forget_cold(&id);
+        self.jobs.start(JobKind::Open { id });
+    }
+
+    /// Replies to a GetBlob whose blob is open: a new token and the fd.
+    fn answer_get_blob(&mut self, conn: ConnId, tag: u64, generation: u32, key: BlobKey) {
+        let Some(s) = session(&mut self.sessions, conn) else {
+            return;
+        };
+        if s.tokens.len() >= self.max_tokens {
+            return self.reply(conn, tag, Reply::blob_error(Errno::MFile), None);
+        }
+        let Some(fd) = self.index.blob(key).map(|b| b.client_fd().clone()) else {
+            return self.reply(conn, tag, Reply::blob_error(Errno::Io), None);
+        };
+        s.next_n = s.next_n.wrapping_add(1).max(1);
+        let n = s.next_n;
+        if generation == s.generation {
+            s.tokens.add(n, key, &mut self.index);
+        }
+        let token = (generation as u64) << 32 | n as u64;
+        self.reply(conn, tag, Reply::blob(token), Some(fd));
+    }
+
+    fn fetch_range(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        need: bool,
+        token: u64,
+        start: u64,
+        count: u64,
+    ) {
+        let Some(s) = session(&mut self.sessions, conn) else {
+            return;
+        };
+        let key = match s.tokens.get(token as u32) {
+            Some(key) if (token >> 32) as u32 == s.generation => key,
+            _ => {
+                if need {
+                    let r = Reply::fetch(token, 0, FetchResult::GenerationMismatch);
+                    self.reply(conn, tag, r, None);
+                }
+                return;
+            }
+        };
+        let result = match self.index.plan(key, start, count, Instant::now) {
+            Plan::Ready { count } => {
+                self.stats.fetch_hits += 1;
+                Reply::fetch(token, count, FetchResult::Ok)
+            }
+            Plan::OutOfRange | Plan::Unavailable => Reply::fetch(token, 0, FetchResult::Failed),
+            Plan::Wait {
+                count,
+                waiting_on,
+                runs,
+            } => {
+                let fetch = PendingFetch {
+                    conn,
+                    tag,
+                    token,
+                    count,
+                    remaining: 0,
+                    failed: false,
+                    reply: need,
+                };
+                return self.wait_for_fills(key, fetch, waiting_on, runs);
+            }
+        };
+        if need {
+            self.reply(conn, tag, result, None);
+        }
+    }
+
+    /// Parks `fetch` on the fills in flight it needs and on new fills of
+    /// `runs`, started here.
+    fn wait_for_fills(
+        &mut self,
+        key: BlobKey,
+        fetch: PendingFetch,
+        waiting_on: Vec<JobId>,
+        runs: Vec<(u64, u64)>,
+    ) {
+        let conn = fetch.conn;
+        let fid = self.fetches.insert(fetch);
+        let mut remaining = 0;
+        for job in waiting_on {
+            remaining += usize::from(self.jobs.wait(job, fid));
+        }
+        if let Some(blob) = self.index.blob(key).cloned() {
+            for (g0, n) in runs {
+                let blob = blob.clone();
+                let job = self.jobs.start(JobKind::Fill { key, blob, g0, n });
+                self.index.fill_started(key, g0, n, job);
+                self.jobs.wait(job, fid);
+                self.stats.fills_started += 1;
+                remaining += 1;
+            }
+        }
+        self.fetches[fid].remaining = remaining;
+        if let Some(s) = session(&mut self.sessions, conn) {
+            s.waiting += 1;
+        }
+        if remaining == 0 {
+            // Nothing to wait on after all (cannot happen: the plan names
+            // live jobs); answer rather than leave the request hanging.
+            self.fetches[fid].remaining = 1;
+            self.fetch_progress(fid, false);
+        }
+    }
+
+    /// One fill that fetch `fid` waited on ended.
+    fn fetch_progress(&mut self, fid: usize, ok: bool) {
+        let Some(p) = self.fetches.get_mut(fid) else {
+            return;
+        };
+        p.remaining -= 1;
+        p.failed |= !ok;
+        if p.remaining > 0 {
+            return;
+        }
+        let p = self.fetches.remove(fid);
+        let Some(s) = session(&mut self.sessions, p.conn) else {
+            return;
+        };
+        s.waiting -= 1;
+        if !p.reply {
+            return self.outbox.push(Output::Progress(p.conn));
+        }
+        let result = if p.failed {
+            FetchResult::Failed
+        } else {
+            FetchResult::Ok
+        };
+        self.reply(p.conn, p.tag, Reply::fetch(p.token, p.count, result), None);
+    }
+
+    /// Job `id` returned from its worker (`None`: it panicked, or was
+    /// cancelled or dropped before it ran).
+    pub fn job_done(&mut self, id: JobId, outcome: Option<Outcome>) {
+        let Some(f) = self.jobs.finish(id) else {
+            return;
+        };
+        match f.kind {
+            JobKind::Open { id: blob_id } if !f.late => self.opened(blob_id, outcome),
+            JobKind::Open { .. } => {}
+            JobKind::Fill { key, blob, g0, .. } => {
+                let complete = match outcome {
+                    Some(Outcome::Filled(Ok(complete))) => Some(complete),
+                    Some(Outcome::Filled(Err(e))) => {
+                        log::warn!("fill job {id} of blob {}: {e}", blob.id());
+                        None
+                    }
+                    // Panicked, cancelled or dropped (already logged).
+                    _ => None,
+                };
+                if complete.is_none() && !f.late {
+                    self.stats.fills_failed += 1;
+                }
+                self.index
+                    .fill_finished(key, &blob, g0, id, complete.is_some());
+                if complete == Some(true) {
+                    // Made durable after the waiters are answered: the reply
+                    // needs the bytes in the page cache, not on the disk.
+                    self.jobs.start(JobKind::Checkpoint { blob });
+                }
+                for fid in f.waiters {
+                    self.fetch_progress(fid, complete.is_some());
+                }
+                self.start_evictions();
+            }
+            JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
+            JobKind::Checkpoint { blob } => {
+                if let Some(Outcome::Checkpointed(Err(e))) = outcome {
+                    log::warn!("checkpoint of blob {}: {e}", blob.id());
+                }
+            }
+        }
+    }
+
+    fn opened(&mut self, blob_id: String, outcome: Option<Outcome>) {
+        let waiters = self.opening.remove(&blob_id).unwrap_or_default();
+        let result = match outcome {
+            Some(Outcome::Opened(Ok(blob))) => Ok(self.index.insert(blob)),
+            Some(Outcome::Opened(Err(e))) => {
+                log::info!("GetBlob {blob_id}: {e}");
+                Err(e.errno())
+            }
+            _ => Err(Errno::Io),
+        };
+        for w in waiters {
+            let Some(s) = session(&mut self.sessions, w.conn) else {
+                continue;
+            };
+            s.waiting -= 1;
+            match result {
+                Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key),
+                Err(errno) => self.reply(w.conn, w.tag, Reply::blob_error(errno), None),
+            }
+        }
+    }
+
+    fn deleted(&mut self, blob_id: String, outcome: Option<Outcome>) {
+        match outcome {
+            Some(Outcome::Deleted(Err(e))) => log::warn!("evicting blob {blob_id}: {e}"),
+            Some(_) => {}
+            None => log::warn!("evicting blob {blob_id}: the delete job never ran"),
+        }
+        self.deleting.remove(&blob_id);
+        if self.opening.contains_key(&blob_id) {
+            // A GetBlob came while the files were going: open them anew.
+            self.start_open(blob_id);
+        }
+    }
+
+    fn start_evictions(&mut self) {
+        for id in self.index.take_evictions() {
+            self.deleting.insert(id.clone(), Deletion::Running);
+            self.jobs.start(JobKind::Delete { id });
+        }
+    }
+
+    /// Job `id` ran past `timeout` and its worker was given up on: its
+    /// waiters fail now. Returns the fill jobs of the same blob, which would
+    /// hang the same way, for the caller to cancel those not yet started.
+    pub fn job_expired(&mut self, id: JobId, timeout: Duration) -> Vec<JobId> {
+        let Some((kind, waiters)) = self.jobs.abandon(id) else {
+            return Vec::new();
+        };
+        self.stats.jobs_timed_out += 1;
+        log::warn!("backend job {id} still running after {timeout:?}; failing its requests");
+        match kind {
+            JobKind::Fill { key, blob, g0, .. } => {
+                self.stats.fills_failed += 1;
+                self.index.fill_timed_out(key, Instant::now(), timeout);
+                self.index.fill_finished(key, &blob, g0, id, false);
+                for fid in waiters {
+                    self.fetch_progress(fid, false);
+                }
+                self.start_evictions();
+                return self.jobs.fills_of(key, id);
+            }
+            JobKind::Open { id: blob_id } => self.fail_opens(&blob_id),
+            JobKind::Delete { id: blob_id } => {
+                // Exclusive until the stuck worker really returns.
+                self.deleting.insert(blob_id.clone(), Deletion::Stuck);
+                self.fail_opens(&blob_id);
+            }
+            JobKind::Checkpoint { .. } => {}
+        }
+        Vec::new()
+    }
+
+    /// Answers every GetBlob waiting for blob `id` with EIO.
+    fn fail_opens(&mut self, blob_id: &str) {
+        for w in self.opening.remove(blob_id).unwrap_or_default() {
+            if let Some(s) = session(&mut self.sessions, w.conn) {
+                s.waiting -= 1;
+                self.reply(w.conn, w.tag, Reply::blob_error(Errno::Io), None);
+            }
+        }
+    }
+}

@@ -539,3 +539,6 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

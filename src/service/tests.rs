@@ -1,0 +1,286 @@
+//! The service driven directly, without sockets or threads: jobs are run
+//! inline (or held, to play a stuck worker) and outputs read back.
+
+use super::*;
+use crate::backend::LocalFs;
+use crate::cache::CacheConfig;
+use crate::jobs::Runner;
+use crate::protocol::{encode_request, Header};
+
+struct Harness {
+    svc: Service,
+    runner: Runner,
+    _dir: tempfile::TempDir,
+    next_tag: u64,
+}
+
+const CONN: fn() -> ConnId = || ConnId::new(1, 0);
+
+impl Harness {
+    /// A service over blobs `(name, size)` in a local backend, granule 4 KiB.
+    fn new(blobs: &[(&str, usize)], limit: Option<u64>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let be_dir = dir.path().join("be");
+        std::fs::create_dir(&be_dir).unwrap();
+        for (name, size) in blobs {
+            let data: Vec<u8> = (0..*size).map(|i| (i * 7 + 1) as u8).collect();
+            std::fs::write(be_dir.join(name), data).unwrap();
+        }
+        let mut cfg = CacheConfig::new(dir.path().join("work"));
+        cfg.granule = 4096;
+        cfg.max_job = 8192;
+        cfg.limit = limit;
+        cfg.prepare().unwrap();
+        let cfg = Arc::new(cfg);
+        let backend: Arc<dyn Backend> = Arc::new(LocalFs::new(be_dir));
+        let mut svc = Service::new(backend.clone(), Index::new(cfg.clone()), 16);
+        svc.open_session(CONN());
+        Harness {
+            svc,
+            runner: Runner::new(backend, cfg),
+            _dir: dir,
+            next_tag: 0,
+        }
+    }
+
+    fn send(&mut self, req: Request, need_reply: bool) -> u64 {
+        self.next_tag += 1;
+        let mut wire = Vec::new();
+        encode_request(&mut wire, self.next_tag, need_reply, &req);
+        let h = Header::decode(wire[..20].try_into().unwrap()).unwrap();
+        self.svc.request(
+            CONN(),
+            Message {
+                header: h,
+                request: req,
+            },
+        );
+        self.next_tag
+    }
+
+    fn replies(&mut self) -> Vec<(u64, Reply)> {
+        self.svc
+            .take_output()
+            .filter_map(|o| match o {
+                Output::Reply { tag, reply, fd, .. } => {
+                    assert_eq!(reply.carries_fd(), fd.is_some());
+                    Some((tag, reply))
+                }
+                Output::Progress(_) => None,
+            })
+            .collect()
+    }
+
+    /// Runs every started job to completion, inline, until none is left.
+    fn run_jobs(&mut self) {
+        loop {
+            let jobs: Vec<_> = self.svc.take_jobs().collect();
+            if jobs.is_empty() {
+                return;
+            }
+            for (id, kind) in jobs {
+                let out = (self.runner.work(kind))();
+                self.svc.job_done(id, Some(out));
+            }
+        }
+    }
+
+    fn get_blob(&mut self, id: &str) -> Reply {
+        let tag = self.send(Request::get_blob(1, id).unwrap(), true);
+        self.run_jobs();
+        let r = self.replies();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, tag);
+        r[0].1
+    }
+
+    fn token(&mut self, id: &str) -> u64 {
+        match self.get_blob(id) {
+            Reply::GetBlob {
+                token, result: 0, ..
+            } => token,
+            other => panic!("GetBlob {id}: {other:?}"),
+        }
+    }
+
+    fn fetch(&mut self, token: u64, start: u64, count: u64) -> u64 {
+        let tag = self.send(
+            Request::FetchRange {
+                token,
+                start,
+                count,
+            },
+            true,
+        );
+        tag
+    }
+}
+
+#[test]
+fn noop_and_bad_ids_are_answered_at_once() {
+    let mut h = Harness::new(&[], None);
+    let tag = h.send(Request::Noop, true);
+    assert_eq!(h.replies(), vec![(tag, Reply::Noop)]);
+    assert_eq!(h.get_blob(".hidden"), Reply::blob_error(Errno::Inval));
+    assert_eq!(h.get_blob("missing"), Reply::blob_error(Errno::NoEnt));
+}
+
+#[test]
+fn tokens_hold_blobs_and_a_new_generation_releases_them() {
+    let mut h = Harness::new(&[("a", 10_000)], None);
+    let t = h.token("a");
+    assert_eq!(t >> 32, 1);
+    let tag = h.fetch(t, 0, 5000);
+    h.run_jobs();
+    assert_eq!(
+        h.replies(),
+        vec![(tag, Reply::fetch(t, 5000, FetchResult::Ok))]
+    );
+    // A hit is answered without a job.
+    let tag = h.fetch(t, 10, 10);
+    assert_eq!(h.svc.take_jobs().count(), 0);
+    assert_eq!(
+        h.replies(),
+        vec![(tag, Reply::fetch(t, 10, FetchResult::Ok))]
+    );
+    // Generation 2 retires generation 1's tokens.
+    h.send(Request::get_blob(2, "a").unwrap(), true);
+    h.replies();
+    let tag = h.fetch(t, 0, 1);
+    let mismatch = Reply::fetch(t, 0, FetchResult::GenerationMismatch);
+    assert_eq!(h.replies(), vec![(tag, mismatch)]);
+}
+
+#[test]
+fn a_prefetch_is_not_answered_but_reports_progress() {
+    let mut h = Harness::new(&[("a", 10_000)], None);
+    let t = h.token("a");
+    h.send(
+        Request::FetchRange {
+            token: t,
+            start: 0,
+            count: 10_000,
+        },
+        false,
+    );
+    assert_eq!(h.svc.waiting(CONN()), 1);
+    h.run_jobs();
+    assert_eq!(h.svc.waiting(CONN()), 0);
+    let outs: Vec<Output> = h.svc.take_output().collect();
+    assert!(matches!(outs.as_slice(), [Output::Progress(c)] if *c == CONN()));
+}
+
+/// Bug fixed in the redesign: a fill abandoned at the backend timeout that
+/// later succeeded set its ready bits but was never credited to the cache's
+/// byte count, and a late failure counted `fills_failed` twice.
+#[test]
+fn a_late_fill_is_credited_and_counted_once() {
+    let mut h = Harness::new(&[("a", 8192), ("b", 4096)], Some(1 << 20));
+    let t = h.token("a");
+    let tag = h.fetch(t, 0, 8192);
+    let jobs: Vec<_> = h.svc.take_jobs().collect();
+    assert_eq!(jobs.len(), 1);
+    let (id, kind) = jobs.into_iter().next().unwrap();
+    // The worker is stuck: the job is abandoned and the fetch fails now.
+    assert!(h.svc.job_expired(id, Duration::from_secs(1)).is_empty());
+    assert_eq!(
+        h.replies(),
+        vec![(tag, Reply::fetch(t, 0, FetchResult::Failed))]
+    );
+    assert_eq!(h.svc.stats().fills_failed, 1);
+    assert_eq!(h.svc.index().used_bytes(), 0);
+    // It returns after all, with the bytes written.
+    let out = (h.runner.work(kind))();
+    h.svc.job_done(id, Some(out));
+    assert_eq!(h.svc.index().used_bytes(), 8192, "late bytes are credited");
+    assert_eq!(h.svc.stats().fills_failed, 1);
+    // A late failure is not counted a second time.
+    let tb = h.token("b");
+    h.fetch(tb, 0, 1);
+    let (id, _) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_expired(id, Duration::from_secs(1));
+    assert_eq!(h.svc.stats().fills_failed, 2);
+    h.svc.job_done(id, None);
+    assert_eq!(h.svc.stats().fills_failed, 2);
+}
+
+/// Bug fixed in the redesign: an abandoned delete job cleared `deleting`, so
+/// a GetBlob could open a blob while the stuck worker was still removing its
+/// files.
+#[test]
+fn an_abandoned_delete_keeps_its_blob_exclusive_until_it_returns() {
+    let mut h = Harness::new(&[("a", 8192), ("b", 8192)], Some(10_000));
+    let ta = h.token("a");
+    h.fetch(ta, 0, 8192);
+    h.run_jobs();
+    h.replies();
+    // Generation 2 drops the token on "a"; filling "b" evicts "a".
+    h.send(Request::get_blob(2, "b").unwrap(), true);
+    h.run_jobs();
+    let tb = match h.replies()[0].1 {
+        Reply::GetBlob { token, .. } => token,
+        r => panic!("{r:?}"),
+    };
+    h.fetch(tb, 0, 8192);
+    let (fill, kind) = h.svc.take_jobs().next().unwrap();
+    let out = (h.runner.work(kind))();
+    h.svc.job_done(fill, Some(out));
+    h.replies();
+    let jobs: Vec<_> = h.svc.take_jobs().collect();
+    let (delete, kind) = jobs
+        .into_iter()
+        .find(|(_, k)| matches!(k, JobKind::Delete { id } if id == "a"))
+        .expect("a delete job for the evicted blob");
+    // The delete hangs past the timeout.
+    h.svc.job_expired(delete, Duration::from_secs(1));
+    // A GetBlob of "a" fails at once and starts no open.
+    let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
+    assert!(h.svc.take_jobs().next().is_none(), "no open while deleting");
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // The worker returns: "a" can be opened again.
+    let out = (h.runner.work(kind))();
+    h.svc.job_done(delete, Some(out));
+    assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
+}
+
+#[test]
+fn a_getblob_during_a_running_delete_waits_for_it() {
+    let mut h = Harness::new(&[("a", 8192), ("b", 8192)], Some(10_000));
+    let ta = h.token("a");
+    h.fetch(ta, 0, 8192);
+    h.run_jobs();
+    h.replies();
+    h.send(Request::get_blob(2, "b").unwrap(), true);
+    h.run_jobs();
+    let tb = match h.replies()[0].1 {
+        Reply::GetBlob { token, .. } => token,
+        r => panic!("{r:?}"),
+    };
+    h.fetch(tb, 0, 8192);
+    let (fill, kind) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_done(fill, Some((h.runner.work(kind))()));
+    h.replies();
+    let (delete, kind) = h
+        .svc
+        .take_jobs()
+        .find(|(_, k)| matches!(k, JobKind::Delete { .. }))
+        .expect("a delete job for the evicted blob");
+    let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
+    assert!(h.replies().is_empty(), "waits for the delete");
+    assert!(h.svc.take_jobs().next().is_none());
+    h.svc.job_done(delete, Some((h.runner.work(kind))()));
+    h.run_jobs();
+    let r = h.replies();
+    assert!(matches!(r.as_slice(), [(t, Reply::GetBlob { result: 0, .. })] if *t == tag));
+}
+
+#[test]
+fn a_closed_connection_drops_its_replies_and_releases_its_tokens() {
+    let mut h = Harness::new(&[("a", 8192)], None);
+    let t = h.token("a");
+    h.fetch(t, 0, 8192);
+    h.svc.close_session(CONN());
+    h.run_jobs();
+    assert!(h.replies().is_empty());
+    assert_eq!(h.svc.waiting(CONN()), 0);
+}

@@ -328,7 +328,7 @@ impl Server {
 
     fn expire_jobs(&mut self) {
         let limit = self.backend_timeout;
-        let expired = self.pool.expire(limit);
+        let expired = self.pool.expire(limit, Instant::now());
         for id in expired.stuck {
             let others = self.service.job_expired(id, limit);
             for other in self.pool.cancel(&others) {

@@ -16,7 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-type Job<T> = Box<dyn FnOnce() -> T + Send + 'static>;
+/// A closure a worker runs.
+type Task<T> = Box<dyn FnOnce() -> T + Send + 'static>;
 
 /// A finished job: the id it was submitted with and its result, or `None` if
 /// it panicked.
@@ -26,15 +27,15 @@ pub struct Completion<T> {
 }
 
 struct Shared<T> {
-    state: Mutex<State<T>>,
+    state: Mutex<Queue<T>>,
     work: Condvar,
     done: Mutex<Vec<Completion<T>>>,
     wake: EventFd,
 }
 
-struct State<T> {
+struct Queue<T> {
     /// Queued jobs: id, the job, when it was queued.
-    jobs: VecDeque<(u64, Job<T>, Instant)>,
+    jobs: VecDeque<(u64, Task<T>, Instant)>,
     stopping: bool,
     /// Jobs being run: id → (worker index, start time).
     running: HashMap<u64, (usize, Instant)>,
@@ -73,7 +74,7 @@ impl<T: Send + 'static> WorkerPool<T> {
     pub fn new(n: usize) -> io::Result<WorkerPool<T>> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
+            state: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 stopping: false,
                 running: HashMap::new(),
@@ -134,9 +135,9 @@ impl<T: Send + 'static> WorkerPool<T> {
     /// ignored) and a replacement thread is started for each, up to a bound.
     /// Jobs that waited in the queue longer than `limit` (every thread was
     /// stuck) are dropped and returned too. Also returns when the next job
-    /// will pass `limit`.
-    pub fn expire(&mut self, limit: Duration) -> Expired {
-        let now = Instant::now();
+    /// will pass `limit`. `now` is the caller's clock (tests pass a later
+    /// one instead of sleeping).
+    pub fn expire(&mut self, limit: Duration, now: Instant) -> Expired {
         let mut expired = Vec::new();
         let mut dropped = Vec::new();
         let mut next: Option<Instant> = None;
@@ -228,7 +229,8 @@ impl<T: Send + 'static> WorkerPool<T> {
         }
     }
 
-    /// Number of worker threads that are not stuck.
+    /// Number of worker threads the pool was started with (replacements
+    /// for stuck threads come on top).
     pub fn size(&self) -> usize {
         self.size
     }
@@ -271,13 +273,18 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         if result.is_none() {
             log::error!("worker job {id} panicked; reported as failed");
         }
+        // Off the running list before the completion is posted, so whoever
+        // sees the completion never sees the job still running.
+        let retire = {
+            let mut st = lock(&s.state);
+            st.running.remove(&id);
+            // A replacement took this thread's place while it was stuck.
+            st.stuck.remove(&index)
+        };
         lock(&s.done).push(Completion { id, result });
         // Cannot fail short of an overflow of the 64-bit counter.
         let _ = s.wake.write(1);
-        let mut st = lock(&s.state);
-        st.running.remove(&id);
-        if st.stuck.remove(&index) {
-            // A replacement took this thread's place while it was stuck.
+        if retire {
             return;
         }
     }
@@ -322,20 +329,26 @@ mod tests {
         }
     }
 
+    /// Submits job `id` that signals once it runs and then blocks until the
+    /// returned sender is dropped; returns after it started.
+    fn blocking_job(pool: &WorkerPool<u64>, id: u64) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        pool.submit(id, move || {
+            let _ = started_tx.send(());
+            let _ = rx.recv();
+            id
+        });
+        started.recv().unwrap();
+        tx
+    }
+
     #[test]
     fn stuck_jobs_are_abandoned_and_replaced() {
         let mut pool = WorkerPool::<u64>::new(1).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        pool.submit(1, move || {
-            let _ = rx.recv();
-            1
-        });
-        // Wait until it runs, then let it pass a tiny deadline.
-        while !pool.busy() {
-            std::thread::yield_now();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        let expired = pool.expire(Duration::from_millis(10));
+        let release = blocking_job(&pool, 1);
+        let later = Instant::now() + Duration::from_secs(1);
+        let expired = pool.expire(Duration::from_millis(10), later);
         assert_eq!(expired.stuck, vec![1]);
         assert!(expired.dropped.is_empty());
         // The only original thread is stuck, yet a new job completes.
@@ -347,26 +360,22 @@ mod tests {
             pool.take_completions(&mut got);
         }
         assert_eq!(
-            pool.expire(Duration::from_millis(10)).stuck,
+            pool.expire(Duration::from_millis(10), later).stuck,
             Vec::<u64>::new()
         );
-        drop(tx);
+        drop(release);
     }
 
     #[test]
     fn jobs_queued_past_the_limit_are_dropped() {
         let mut pool = WorkerPool::<u64>::new(1).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        pool.submit(1, move || {
-            let _ = rx.recv();
-            1
-        });
+        let release = blocking_job(&pool, 1);
         pool.submit(2, || 2);
         pool.submit(3, || 3);
         assert_eq!(pool.cancel(&[3, 9]), vec![3]);
-        std::thread::sleep(Duration::from_millis(20));
-        let e = pool.expire(Duration::from_millis(10));
+        let later = Instant::now() + Duration::from_secs(1);
+        let e = pool.expire(Duration::from_millis(10), later);
         assert_eq!((e.stuck, e.dropped), (vec![1], vec![2]));
-        drop(tx);
+        drop(release);
     }
 }

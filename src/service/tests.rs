@@ -104,15 +104,14 @@ impl Harness {
     }
 
     fn fetch(&mut self, token: u64, start: u64, count: u64) -> u64 {
-        let tag = self.send(
+        self.send(
             Request::FetchRange {
                 token,
                 start,
                 count,
             },
             true,
-        );
-        tag
+        )
     }
 }
 

@@ -10,7 +10,7 @@
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -119,9 +119,6 @@ impl<T: Send + 'static> WorkerPool<T> {
         self.shared.wake.as_fd()
     }
 
-    pub fn completion_raw_fd(&self) -> RawFd {
-        self.shared.wake.as_fd().as_raw_fd()
-    }
 
     /// Takes every completion that is ready. The eventfd is reset first, so
     /// a completion posted meanwhile wakes the reactor again: none is missed.

@@ -162,19 +162,9 @@ impl Service {
         self.outbox.drain(..)
     }
 
-    /// Whether output is waiting.
-    pub fn has_output(&self) -> bool {
-        !self.outbox.is_empty()
-    }
-
     /// Jobs to hand to the worker pool.
     pub fn take_jobs(&mut self) -> std::vec::Drain<'_, (JobId, JobKind)> {
         self.jobs.take_started()
-    }
-
-    /// Jobs in flight (not abandoned).
-    pub fn jobs_in_flight(&self) -> usize {
-        self.jobs.live()
     }
 
     /// Requests of `conn` waiting on jobs.

@@ -2,13 +2,21 @@
 //! to copy a byte range into the cache file; everything here runs on worker
 //! threads and may block.
 
+use std::error::Error;
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// A backend failure, split the way GetBlob answers it.
+/// A backend failure, split the way GetBlob answers it: [`NotFound`] is
+/// ENOENT, everything else EIO.
+///
+/// Display messages name what failed (with URLs stripped of their query
+/// strings, which may carry signatures) and never contain passwords, tokens
+/// or Authorization headers.
+///
+/// [`NotFound`]: BackendError::NotFound
 #[derive(Debug)]
 pub enum BackendError {
     /// The backend does not have this blob (ENOENT).
@@ -22,6 +30,79 @@ pub enum BackendError {
     Integrity(String),
     /// The backend did not answer in time.
     Timeout(String),
+    /// An HTTP server answered with a status the backend cannot use (5xx,
+    /// 429, or anything unexpected).
+    Status {
+        /// The HTTP status code.
+        status: u16,
+        /// The URL asked, without its query string.
+        url: String,
+    },
+    /// An HTTP server refused access (401 or 403), also after any
+    /// authentication the backend could do.
+    AccessDenied {
+        /// 401 or 403.
+        status: u16,
+        /// The URL asked, without its query string.
+        url: String,
+        /// Why, e.g. which credentials were refused; never the credentials.
+        reason: String,
+    },
+    /// A redirect could not be followed.
+    Redirect {
+        /// The URL that answered with the redirect, without its query string.
+        url: String,
+        /// What was wrong with it.
+        problem: RedirectProblem,
+    },
+    /// A server's answer broke the protocol: a missing or malformed header
+    /// or body (e.g. no Content-Length, a token response without a token).
+    BadResponse {
+        /// The URL asked, without its query string.
+        url: String,
+        /// What was wrong.
+        problem: String,
+    },
+    /// The request could not be sent or its answer not received (DNS,
+    /// connection refused, TLS, a broken connection).
+    Transport {
+        /// The URL asked, without its query string.
+        url: String,
+        /// The failure as the daemon logs it: kind, message and cause,
+        /// without the URL.
+        detail: String,
+        /// The HTTP client's error (for the registry, a `ureq::Transport`;
+        /// its `Debug` form may show the full URL).
+        source: Box<dyn Error + Send + Sync>,
+    },
+}
+
+/// Why a redirect could not be followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedirectProblem {
+    /// A 3xx answer without a Location header.
+    NoLocation {
+        /// The redirect's status code.
+        status: u16,
+    },
+    /// More hops than the backend follows.
+    TooMany {
+        /// Hops followed before giving up.
+        limit: u32,
+    },
+    /// A Location that is not an http(s) URL (given without its query
+    /// string).
+    BadLocation(String),
+}
+
+impl fmt::Display for RedirectProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedirectProblem::NoLocation { status } => write!(f, "{status} without a Location"),
+            RedirectProblem::TooMany { limit } => write!(f, "more than {limit} redirects"),
+            RedirectProblem::BadLocation(loc) => write!(f, "bad Location {loc:?}"),
+        }
+    }
 }
 
 impl fmt::Display for BackendError {
@@ -34,11 +115,33 @@ impl fmt::Display for BackendError {
             BackendError::Io(ctx, e) => write!(f, "{ctx}: {e}"),
             BackendError::Integrity(s) => write!(f, "integrity check failed: {s}"),
             BackendError::Timeout(s) => write!(f, "backend timed out: {s}"),
+            BackendError::Status { status, url } => write!(f, "HTTP {status} from {url}"),
+            BackendError::AccessDenied {
+                status,
+                url,
+                reason,
+            } => write!(f, "access denied by {url} (HTTP {status}): {reason}"),
+            BackendError::Redirect { url, problem } => write!(f, "redirect from {url}: {problem}"),
+            BackendError::BadResponse { url, problem } => {
+                write!(f, "bad response from {url}: {problem}")
+            }
+            // The detail repeats the source's text: the daemon logs Display
+            // alone, and a log line that only said "transport error" would
+            // not help anyone.
+            BackendError::Transport { url, detail, .. } => write!(f, "{url}: {detail}"),
         }
     }
 }
 
-impl std::error::Error for BackendError {}
+impl Error for BackendError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            BackendError::Io(_, e) => Some(e),
+            BackendError::Transport { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
 
 /// A blob store the cache fills from. Implementations must be safe to call
 /// from several worker threads at once.
@@ -194,6 +297,38 @@ pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> Result<(), B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_what_failed_and_keep_their_cause() {
+        let e = BackendError::Io("open /b".into(), io::Error::from(io::ErrorKind::NotFound));
+        assert!(e.to_string().starts_with("open /b: "), "{e}");
+        let cause = e.source().expect("an io::Error");
+        assert_eq!(
+            cause.downcast_ref::<io::Error>().map(io::Error::kind),
+            Some(io::ErrorKind::NotFound)
+        );
+        let e = BackendError::Transport {
+            url: "http://h/v2/".into(),
+            detail: "Connection Failed: refused".into(),
+            source: Box::new(io::Error::from(io::ErrorKind::ConnectionRefused)),
+        };
+        assert_eq!(e.to_string(), "http://h/v2/: Connection Failed: refused");
+        assert!(e.source().unwrap().downcast_ref::<io::Error>().is_some());
+        let e = BackendError::Redirect {
+            url: "http://h/a".into(),
+            problem: RedirectProblem::TooMany { limit: 5 },
+        };
+        assert_eq!(
+            e.to_string(),
+            "redirect from http://h/a: more than 5 redirects"
+        );
+        assert!(e.source().is_none());
+        let e = BackendError::Status {
+            status: 503,
+            url: "http://h/a".into(),
+        };
+        assert_eq!(e.to_string(), "HTTP 503 from http://h/a");
+    }
 
     #[test]
     fn localfs_sizes_reads_and_short_reads() {

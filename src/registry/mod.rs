@@ -1,0 +1,411 @@
+//! A [`Backend`] that pulls blobs by range from one repository of an OCI
+//! distribution registry (`/v2/<repo>/blobs/<digest>`), and checks every
+//! completed blob against its digest.
+//!
+//! Everything here runs on worker threads and blocks; the reactor never
+//! calls into this module. The parts, one concept per file:
+//!
+//! - this file: [`Registry`] itself (URL checks, the [`Backend`] methods)
+//!   and its [`RegistryOptions`];
+//! - `transport`: HTTP with per-request deadlines, retries with exponential
+//!   backoff (connection errors, timeouts, 429, 5xx), redirects followed by
+//!   hand so that credentials only ever go to the registry's own origin,
+//!   and the copy of a range's body into the cache file;
+//! - `auth`: anonymous, basic, or the registry token flow (a 401 carrying a
+//!   `Bearer` challenge sends us to the token realm; the token is cached
+//!   until it expires);
+//! - `digest`: the canonical form of a blob id and the sha256 check.
+//!
+//! See docs/BACKENDS.md.
+
+mod auth;
+mod digest;
+mod transport;
+
+pub use digest::canonical_digest;
+
+use crate::backend::{Backend, BackendError};
+use auth::Auth;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use transport::{Failure, Http, Reply};
+use url::Url;
+
+/// Default per-request deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of retries after the first attempt.
+pub const DEFAULT_RETRIES: u32 = 3;
+
+/// Settings of a registry backend besides its URL.
+#[derive(Clone)]
+pub struct RegistryOptions {
+    /// Deadline of one HTTP request: connecting, headers and body.
+    pub timeout: Duration,
+    /// Time allowed for one backend call (a size or a fill) with all its
+    /// retries; `None` bounds it only by the retry count.
+    pub call_budget: Option<Duration>,
+    /// Retries after a failed first attempt (connection errors, timeouts,
+    /// 429, 5xx); 0 disables retrying.
+    pub retries: u32,
+    /// First backoff delay; doubles on each retry (with jitter).
+    pub backoff: Duration,
+    /// Basic credentials: user name and password.
+    pub credentials: Option<(String, String)>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> RegistryOptions {
+        RegistryOptions {
+            timeout: DEFAULT_TIMEOUT,
+            call_budget: None,
+            retries: DEFAULT_RETRIES,
+            backoff: Duration::from_millis(100),
+            credentials: None,
+        }
+    }
+}
+
+impl fmt::Debug for RegistryOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password.
+        f.debug_struct("RegistryOptions")
+            .field("timeout", &self.timeout)
+            .field("call_budget", &self.call_budget)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+/// The blobs of one repository of an OCI registry.
+pub struct Registry {
+    /// `scheme://host[:port]/`
+    base: Url,
+    repo: String,
+    http: Http,
+    auth: Auth,
+    warned_no_range: AtomicBool,
+}
+
+fn invalid_input(ctx: impl Into<String>, msg: &str) -> BackendError {
+    BackendError::Io(ctx.into(), io::Error::new(io::ErrorKind::InvalidInput, msg))
+}
+
+impl Registry {
+    /// Parses `http(s)://HOST[:PORT]/REPOSITORY`. Nothing is sent until a
+    /// blob is asked for, so the daemon starts (and serves its cache) while
+    /// the registry is down.
+    pub fn new(spec: &str, opts: RegistryOptions) -> Result<Registry, String> {
+        let url = Url::parse(spec).map_err(|e| format!("{spec}: {e}"))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(format!("{spec}: only http:// and https:// are supported"));
+        }
+        if url.host_str().map_or(true, str::is_empty) {
+            return Err(format!("{spec}: no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "{spec}: credentials do not belong in the URL; use --registry-user and \
+                 --registry-password-file"
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("{spec}: a query or fragment is not allowed"));
+        }
+        let repo = url.path().trim_matches('/').to_string();
+        if !valid_repository(&repo) {
+            return Err(format!(
+                "{spec}: {repo:?} is not a repository name (lowercase [a-z0-9._-] components \
+                 separated by /)"
+            ));
+        }
+        let mut base = url.clone();
+        base.set_path("/");
+        if opts.timeout.is_zero() {
+            return Err("the backend timeout must be positive".into());
+        }
+        Ok(Registry {
+            base,
+            auth: Auth::new(opts.credentials.as_ref(), &repo),
+            repo,
+            http: Http::new(&opts),
+            warned_no_range: AtomicBool::new(false),
+        })
+    }
+
+    /// HTTP requests sent so far (every attempt, redirect hop and token
+    /// request counts).
+    pub fn requests(&self) -> u64 {
+        self.http.requests()
+    }
+
+    /// The repository served.
+    pub fn repository(&self) -> &str {
+        &self.repo
+    }
+
+    fn blob_url(&self, digest: &str) -> Result<Url, BackendError> {
+        self.base
+            .join(&format!("v2/{}/blobs/{digest}", self.repo))
+            .map_err(|e| invalid_input("blob URL", &e.to_string()))
+    }
+
+    fn digest_of(id: &str) -> Result<String, BackendError> {
+        canonical_digest(id)
+            .ok_or_else(|| invalid_input(format!("blob id {id:?}"), "not a sha256 digest"))
+    }
+
+    /// Sends one request to the registry: follows redirects (credentials
+    /// only to the registry's origin), answers one 401 by authenticating,
+    /// and classifies failures. Returns a 2xx answer.
+    fn send(
+        &self,
+        method: &str,
+        url: &Url,
+        range: Option<(u64, u64)>,
+        deadline: Instant,
+    ) -> Result<Reply, Failure> {
+        let mut answered = false;
+        loop {
+            let sent = self.auth.current();
+            let auth = sent.header.as_deref();
+            let reply = self
+                .http
+                .follow(method, url, range, auth, &self.base, deadline)?;
+            match reply.resp.status() {
+                200..=299 => return Ok(reply),
+                401 if reply.on_origin && !answered => {
+                    answered = true;
+                    self.auth.answer(&self.http, reply, &sent, deadline)?;
+                }
+                _ => return Err(transport::status_failure(reply, range)),
+            }
+        }
+    }
+
+    /// One attempt at [`Backend::blob_size`]: HEAD the blob, check any
+    /// Docker-Content-Digest against `digest`, take the Content-Length.
+    fn head_size(
+        &self,
+        url: &Url,
+        digest: &str,
+        ctx: &str,
+        deadline: Instant,
+    ) -> Result<u64, Failure> {
+        let reply = self.send("HEAD", url, None, deadline)?;
+        if let Some(d) = reply.resp.header("Docker-Content-Digest") {
+            if d.trim() != digest {
+                return Err(Failure::fatal(BackendError::Integrity(format!(
+                    "{ctx}: registry says the blob is {d}"
+                ))));
+            }
+        }
+        let size = reply
+            .resp
+            .header("Content-Length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        size.ok_or_else(|| bad_response(reply, "no valid Content-Length".into()))
+    }
+
+    /// One attempt at [`Backend::read_into`]: GET bytes `offset..=last`
+    /// into `dst` at the same offsets.
+    fn get_range(
+        &self,
+        url: &Url,
+        (offset, last): (u64, u64),
+        dst: &File,
+        ctx: &str,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let reply = self.send("GET", url, Some((offset, last)), deadline)?;
+        // How many body bytes precede `offset`.
+        let skip = match reply.resp.status() {
+            206 => match bytes_before(&reply.resp, offset) {
+                Some(skip) => skip,
+                None => {
+                    let cr = reply.resp.header("Content-Range").unwrap_or("").to_owned();
+                    return Err(bad_response(
+                        reply,
+                        format!("206 with Content-Range {cr:?}"),
+                    ));
+                }
+            },
+            200 => {
+                if !self.warned_no_range.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "{ctx}: the server ignored Range and sent the whole blob; \
+                         skipping to the offset (slow)"
+                    );
+                }
+                offset
+            }
+            s => return Err(bad_response(reply, format!("HTTP {s} to a Range request"))),
+        };
+        let len = last - offset + 1;
+        transport::copy_body(reply.resp, skip, dst, offset, len, ctx)
+    }
+}
+
+/// A fatal failure for a 2xx answer the backend cannot use.
+fn bad_response(reply: Reply, problem: String) -> Failure {
+    let url = transport::redact(&reply.url);
+    transport::drain(reply.resp);
+    Failure::fatal(BackendError::BadResponse { url, problem })
+}
+
+impl Backend for Registry {
+    fn canonical_id(&self, id: &str) -> Option<String> {
+        canonical_digest(id)
+    }
+
+    fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+        let digest = Self::digest_of(id)?;
+        let url = self.blob_url(&digest)?;
+        let ctx = format!("HEAD {url}");
+        self.http.with_retries(&ctx, |deadline| {
+            self.head_size(&url, &digest, &ctx, deadline)
+        })
+    }
+
+    fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let digest = Self::digest_of(id)?;
+        let url = self.blob_url(&digest)?;
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| invalid_input("range", "overflow"))?;
+        let ctx = format!("GET {url} bytes={offset}-{last}");
+        self.http.with_retries(&ctx, |deadline| {
+            self.get_range(&url, (offset, last), dst, &ctx, deadline)
+        })
+    }
+
+    fn verify(&self, id: &str, data: &File, size: u64) -> Result<(), BackendError> {
+        let digest = Self::digest_of(id)?;
+        digest::check_file(id, &digest, data, size)
+    }
+
+    fn verifies(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        format!("registry:{}{}", self.base, self.repo)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        log::info!("{}: {} HTTP requests", self.describe(), self.requests());
+    }
+}
+
+/// How many body bytes of a ranged GET's answer precede `offset`: for a
+/// 206, from its Content-Range (`None` if that is missing, malformed or
+/// starts after `offset`).
+fn bytes_before(resp: &ureq::Response, offset: u64) -> Option<u64> {
+    let (first, _) = parse_content_range(resp.header("Content-Range")?)?;
+    (first <= offset).then(|| offset - first)
+}
+
+/// `bytes FIRST-LAST/TOTAL` → (FIRST, LAST).
+///
+/// Hand-written for a one-line grammar: `headers` has a typed
+/// Content-Range but brings the `http`, `bytes`, `mime` and `sha1` crates
+/// with it, and `http-range-header` parses only the request's `Range`.
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, _total) = rest.split_once('/')?;
+    let (a, b) = range.trim().split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// Repository names of the distribution spec: lowercase alphanumeric
+/// components joined by `.`, `_`, `__` or `-` runs, separated by `/`.
+fn valid_repository(repo: &str) -> bool {
+    !repo.is_empty()
+        && repo.len() <= 255
+        && repo.split('/').all(|c| {
+            let b = c.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|&x| matches!(x, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn backend_urls_are_checked() {
+        let o = RegistryOptions::default;
+        let r = Registry::new("http://127.0.0.1:5000/library/busybox", o()).unwrap();
+        assert_eq!(r.repository(), "library/busybox");
+        assert_eq!(
+            r.blob_url(&format!("sha256:{HEX}")).unwrap().as_str(),
+            format!("http://127.0.0.1:5000/v2/library/busybox/blobs/sha256:{HEX}")
+        );
+        assert_eq!(
+            r.describe(),
+            "registry:http://127.0.0.1:5000/library/busybox"
+        );
+        assert!(Registry::new("https://reg.example/a/", o()).is_ok());
+        for bad in [
+            "ftp://h/r",
+            "http://h/",
+            "http://h",
+            "http://u:p@h/r",
+            "http://h/r?x=1",
+            "http://h/Upper",
+            "http://h/a//b",
+            "http://h/-a",
+            "not a url",
+        ] {
+            assert!(Registry::new(bad, o()).is_err(), "{bad} accepted");
+        }
+        let opts = RegistryOptions {
+            credentials: Some(("u".into(), "secret".into())),
+            ..o()
+        };
+        assert!(!format!("{opts:?}").contains("secret"));
+    }
+
+    #[test]
+    fn content_ranges_parse() {
+        assert_eq!(parse_content_range("bytes 10-19/100"), Some((10, 19)));
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19)));
+        assert_eq!(parse_content_range("bytes 19-10/100"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range(""), None);
+    }
+
+    #[test]
+    fn verify_hashes_the_file() {
+        let r = Registry::new("http://127.0.0.1:1/r", RegistryOptions::default()).unwrap();
+        let f = tempfile::tempfile().unwrap();
+        // The empty blob's digest is HEX.
+        r.verify(HEX, &f, 0).unwrap();
+        f.write_all_at(b"x", 0).unwrap();
+        assert!(matches!(
+            r.verify(HEX, &f, 1),
+            Err(BackendError::Integrity(_))
+        ));
+        assert!(matches!(
+            r.verify(HEX, &f, 2),
+            Err(BackendError::ShortRead { .. })
+        ));
+    }
+}

@@ -1,0 +1,685 @@
+//! The registry backend's HTTP layer: sending one request with its deadline,
+//! retrying with backoff, following redirects by hand, classifying answers
+//! into [`BackendError`]s, and copying a range's body into the cache file.
+//!
+//! One keep-alive [`ureq::Agent`] (ureq 2, blocking) is shared by all
+//! workers. The agent follows no redirects itself: [`Http::follow`] does, so
+//! that the Authorization header only ever goes to the registry's own origin
+//! (scheme, host and port) and never to the object store or CDN a blob is
+//! redirected to. Every URL put into an error or a log line has its query
+//! string removed, since a redirect's query is usually a signature.
+
+use super::RegistryOptions;
+use crate::backend::{BackendError, RedirectProblem};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use url::Url;
+
+/// Redirect hops followed per request.
+const MAX_REDIRECTS: u32 = 5;
+/// Largest token response or error body read.
+pub(super) const MAX_SMALL_BODY: u64 = 1 << 20;
+/// Longest wait a server's Retry-After can impose on a worker.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Buffer for copying response bodies into the cache file.
+const COPY_BUF: usize = 256 << 10;
+/// Cap of the exponential backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Time a retry needs to do something useful.
+const MIN_TRY: Duration = Duration::from_millis(200);
+
+/// A failed attempt: the error, and whether (and how soon) to try again.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub err: BackendError,
+    pub retry: bool,
+    /// The server's Retry-After, if it gave one.
+    pub after: Option<Duration>,
+}
+
+impl Failure {
+    /// A failure that another attempt would not fix.
+    pub fn fatal(err: BackendError) -> Failure {
+        Failure {
+            err,
+            retry: false,
+            after: None,
+        }
+    }
+
+    /// A failure worth retrying (after the usual backoff).
+    pub fn transient(err: BackendError) -> Failure {
+        Failure {
+            err,
+            retry: true,
+            after: None,
+        }
+    }
+}
+
+/// The answer at the end of a chain of redirects.
+pub(super) struct Reply {
+    /// The response, of any status but 3xx.
+    pub resp: ureq::Response,
+    /// The URL that gave it.
+    pub url: Url,
+    /// Whether that URL is on the registry's origin (and so was sent the
+    /// Authorization header).
+    pub on_origin: bool,
+}
+
+/// The shared HTTP client with the backend's timeout and retry settings.
+pub(super) struct Http {
+    agent: ureq::Agent,
+    timeout: Duration,
+    call_budget: Option<Duration>,
+    retries: u32,
+    backoff: Duration,
+    requests: AtomicU64,
+}
+
+impl Http {
+    /// A client for `opts` (whose timeout must be positive).
+    pub fn new(opts: &RegistryOptions) -> Http {
+        let agent = ureq::AgentBuilder::new()
+            // Redirects are followed by hand: see `follow`.
+            .redirects(0)
+            .timeout_connect(opts.timeout)
+            .timeout_read(opts.timeout)
+            .timeout_write(opts.timeout)
+            .max_idle_connections_per_host(64)
+            .user_agent(concat!("blobmgr/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Http {
+            agent,
+            timeout: opts.timeout,
+            call_budget: opts.call_budget,
+            retries: opts.retries,
+            backoff: opts.backoff,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// HTTP requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Runs `attempt` (given the deadline of its request) until it
+    /// succeeds, fails for good, or the retries or the call's time budget
+    /// are used up.
+    pub fn with_retries<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut(Instant) -> Result<T, Failure>,
+    ) -> Result<T, BackendError> {
+        let call_end = self.call_budget.map(|b| Instant::now() + b);
+        let mut n = 0u32;
+        loop {
+            let mut deadline = Instant::now() + self.timeout;
+            if let Some(end) = call_end {
+                deadline = deadline.min(end);
+            }
+            let f = match attempt(deadline) {
+                Ok(v) => return Ok(v),
+                Err(f) if f.retry && n < self.retries => f,
+                Err(f) => return Err(f.err),
+            };
+            let delay = backoff(self.backoff, n).max(f.after.unwrap_or_default());
+            if call_end.is_some_and(|end| Instant::now() + delay + MIN_TRY > end) {
+                log::info!("{what}: {}; no time left to retry", f.err);
+                return Err(f.err);
+            }
+            log::info!(
+                "{what}: {}; retry {} of {} in {} ms",
+                f.err,
+                n + 1,
+                self.retries,
+                delay.as_millis()
+            );
+            std::thread::sleep(delay);
+            n += 1;
+        }
+    }
+
+    /// Sends one request (no redirects followed) with `headers`, within
+    /// `deadline`. Any status comes back as a response; transport failures
+    /// as a classified [`Failure`].
+    pub fn call(
+        &self,
+        method: &str,
+        url: &Url,
+        headers: &[(&str, &str)],
+        deadline: Instant,
+    ) -> Result<ureq::Response, Failure> {
+        let mut req = self
+            .agent
+            .request_url(method, url)
+            .timeout(time_left(deadline, url)?);
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = match req.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(transport_failure(url, t)),
+        };
+        log::debug!("{method} {}: {}", redact(url), resp.status());
+        Ok(resp)
+    }
+
+    /// Sends `method url` with `range`, following redirects; `auth` (an
+    /// Authorization value) goes only to URLs on `origin`. Returns the first
+    /// answer that is not a redirect.
+    pub fn follow(
+        &self,
+        method: &str,
+        url: &Url,
+        range: Option<(u64, u64)>,
+        auth: Option<&str>,
+        origin: &Url,
+        deadline: Instant,
+    ) -> Result<Reply, Failure> {
+        let range = range.map(|(first, last)| format!("bytes={first}-{last}"));
+        let mut target = url.clone();
+        let mut hops = 0;
+        loop {
+            let on_origin = same_origin(&target, origin);
+            let mut headers = Vec::with_capacity(2);
+            if let Some(r) = &range {
+                headers.push(("Range", r.as_str()));
+            }
+            if let (true, Some(a)) = (on_origin, auth) {
+                headers.push(("Authorization", a));
+            }
+            let resp = self.call(method, &target, &headers, deadline)?;
+            if !matches!(resp.status(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(Reply {
+                    resp,
+                    url: target,
+                    on_origin,
+                });
+            }
+            hops += 1;
+            target = next_hop(resp, &target, hops)?;
+            if !same_origin(&target, origin) {
+                log::debug!("{method} {}: redirected off the registry", redact(&target));
+            }
+        }
+    }
+}
+
+/// Where redirect `resp` (hop number `hops` from `from`) sends us.
+fn next_hop(resp: ureq::Response, from: &Url, hops: u32) -> Result<Url, Failure> {
+    let redirect = |problem| {
+        Failure::fatal(BackendError::Redirect {
+            url: redact(from),
+            problem,
+        })
+    };
+    let status = resp.status();
+    let Some(loc) = resp.header("Location").map(str::to_owned) else {
+        drain(resp);
+        return Err(redirect(RedirectProblem::NoLocation { status }));
+    };
+    drain(resp);
+    if hops > MAX_REDIRECTS {
+        return Err(redirect(RedirectProblem::TooMany {
+            limit: MAX_REDIRECTS,
+        }));
+    }
+    match from.join(&loc) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(u),
+        Ok(u) => Err(redirect(RedirectProblem::BadLocation(redact(&u)))),
+        Err(_) => {
+            let shown = loc.split('?').next().unwrap_or_default().to_owned();
+            Err(redirect(RedirectProblem::BadLocation(shown)))
+        }
+    }
+}
+
+/// The failure for a final answer that is neither 2xx nor handled by the
+/// caller; `range` is the one asked for, if any.
+pub(super) fn status_failure(reply: Reply, range: Option<(u64, u64)>) -> Failure {
+    let status = reply.resp.status();
+    let url = redact(&reply.url);
+    let after = reply
+        .resp
+        .header("Retry-After")
+        // Only the delay-seconds form; an HTTP date gets the usual backoff.
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+    drain(reply.resp);
+    match status {
+        401 | 403 => Failure::fatal(BackendError::AccessDenied {
+            status,
+            url,
+            reason: "access denied".into(),
+        }),
+        404 => Failure::fatal(BackendError::NotFound),
+        416 => Failure::fatal(BackendError::ShortRead {
+            expected: range.map_or(0, |(a, b)| b - a + 1),
+            got: 0,
+        }),
+        429 | 500..=599 => Failure {
+            err: BackendError::Status { status, url },
+            retry: true,
+            after,
+        },
+        _ => Failure::fatal(BackendError::Status { status, url }),
+    }
+}
+
+/// Reads a range's body: discards the first `skip` bytes, then writes the
+/// next `len` to `dst` at `offset`. `ctx` names the request in errors.
+pub(super) fn copy_body(
+    resp: ureq::Response,
+    skip: u64,
+    dst: &File,
+    offset: u64,
+    len: u64,
+    ctx: &str,
+) -> Result<(), Failure> {
+    let mut body = resp.into_reader();
+    let skipped =
+        io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|e| body_failure(ctx, e))?;
+    if skipped < skip {
+        return Err(Failure::fatal(BackendError::ShortRead {
+            expected: len,
+            got: 0,
+        }));
+    }
+    let short = |done| {
+        Failure::fatal(BackendError::ShortRead {
+            expected: len,
+            got: done,
+        })
+    };
+    let mut buf = vec![0u8; len.min(COPY_BUF as u64) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let want = ((len - done) as usize).min(buf.len());
+        let n = match body.read(&mut buf[..want]) {
+            Ok(0) => return Err(short(done)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(short(done)),
+            Err(e) => return Err(body_failure(ctx, e)),
+        };
+        let at = offset + done;
+        dst.write_all_at(&buf[..n], at)
+            .map_err(|e| Failure::fatal(BackendError::Io(format!("write cache at {at}"), e)))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads a small body (a token response) whole, up to [`MAX_SMALL_BODY`].
+pub(super) fn read_small_body(resp: ureq::Response, ctx: &str) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    resp.into_reader()
+        .take(MAX_SMALL_BODY)
+        .read_to_end(&mut body)
+        .map_err(|e| body_failure(ctx, e))?;
+    Ok(body)
+}
+
+/// Reads (a bounded amount of) a response we do not need so the connection
+/// can go back to the pool.
+pub(super) fn drain(resp: ureq::Response) {
+    let _ = io::copy(
+        &mut resp.into_reader().take(MAX_SMALL_BODY),
+        &mut io::sink(),
+    );
+}
+
+/// Whether `a` and `b` have the same scheme, host and port.
+pub(super) fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `u` as it may appear in logs and errors: without query, fragment or
+/// user info.
+pub(super) fn redact(u: &Url) -> String {
+    let mut u = u.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
+}
+
+/// The delay before retry number `attempt + 1`: `base` doubled per attempt,
+/// capped, with ±25% jitter.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let capped = exp.min(MAX_BACKOFF);
+    // Jitter so workers that failed together do not retry together.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let frac = 0.75 + (nanos % 1000) as f64 / 2000.0;
+    capped.mul_f64(frac)
+}
+
+/// What is left until `deadline`, or a timeout failure.
+fn time_left(deadline: Instant, url: &Url) -> Result<Duration, Failure> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        return Err(Failure::fatal(BackendError::Timeout(format!(
+            "{}: no time left for the request",
+            redact(url)
+        ))));
+    }
+    Ok(left)
+}
+
+fn is_timeout(kind: io::ErrorKind) -> bool {
+    matches!(kind, io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+}
+
+/// The innermost io::Error kind behind an error, if any.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut found = None;
+    while let Some(err) = cur {
+        if let Some(ioe) = err.downcast_ref::<io::Error>() {
+            found = Some(ioe.kind());
+        }
+        cur = err.source();
+    }
+    found
+}
+
+/// A ureq transport error as text without its URL (which may carry a
+/// signed query): kind, message and cause.
+fn transport_detail(t: &ureq::Transport) -> String {
+    let mut s = t.kind().to_string();
+    if let Some(m) = t.message() {
+        s = format!("{s}: {m}");
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        s = format!("{s}: {cause}");
+    }
+    s
+}
+
+/// Classifies a transport error of a request to `url`: timeouts and
+/// connection-level failures are retried, the rest (bad URL, TLS
+/// configuration, …) are not.
+fn transport_failure(url: &Url, t: ureq::Transport) -> Failure {
+    use ureq::ErrorKind as K;
+    let detail = transport_detail(&t);
+    if is_timeout(io_kind(&t).unwrap_or(io::ErrorKind::Other)) {
+        return Failure::transient(BackendError::Timeout(format!("{}: {detail}", redact(url))));
+    }
+    let retry = matches!(
+        t.kind(),
+        K::Dns | K::ConnectionFailed | K::Io | K::BadStatus | K::BadHeader | K::ProxyConnect
+    );
+    Failure {
+        err: BackendError::Transport {
+            url: redact(url),
+            detail,
+            source: Box::new(t),
+        },
+        retry,
+        after: None,
+    }
+}
+
+/// A failure while reading a body: a timeout, or a broken connection; both
+/// are worth another attempt.
+fn body_failure(ctx: &str, e: io::Error) -> Failure {
+    if is_timeout(e.kind()) {
+        Failure::transient(BackendError::Timeout(format!("{ctx}: reading body: {e}")))
+    } else {
+        Failure::transient(BackendError::Io(format!("{ctx}: reading body"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::thread::JoinHandle;
+
+    /// A loopback server on `ip` that takes exactly `answers.len()`
+    /// connections, reads one request head from each and writes the next
+    /// canned answer. Joining it gives the request heads.
+    fn serve(ip: &str, answers: Vec<String>) -> (Url, JoinHandle<Vec<String>>) {
+        let l = TcpListener::bind((ip, 0)).unwrap();
+        let base = Url::parse(&format!("http://{}/", l.local_addr().unwrap())).unwrap();
+        let h = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for a in answers {
+                let (mut s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                while r.read_line(&mut head).unwrap() > 2 {}
+                s.write_all(a.as_bytes()).unwrap();
+                heads.push(head);
+            }
+            heads
+        });
+        (base, h)
+    }
+
+    fn answer(status: &str, headers: &str) -> String {
+        format!("HTTP/1.1 {status}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    }
+
+    fn http(timeout_ms: u64) -> Http {
+        Http::new(&RegistryOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            retries: 2,
+            backoff: Duration::from_millis(1),
+            ..RegistryOptions::default()
+        })
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// `follow` against `answers`, expecting a failure.
+    fn follow_fails(answers: Vec<String>) -> Failure {
+        let (base, server) = serve("127.0.0.1", answers);
+        let url = base.join("v2/r/blobs/x").unwrap();
+        let err = http(5000)
+            .follow("GET", &url, None, None, &base, soon())
+            .err()
+            .expect("a failure");
+        server.join().unwrap();
+        err
+    }
+
+    #[test]
+    fn redirect_problems_are_typed() {
+        let f = follow_fails(vec![answer("302 Found", "")]);
+        assert!(!f.retry);
+        assert!(matches!(
+            f.err,
+            BackendError::Redirect {
+                problem: RedirectProblem::NoLocation { status: 302 },
+                ..
+            }
+        ));
+        let f = follow_fails(vec![
+            answer(
+                "307 Temporary Redirect",
+                "Location: /loop?sig=s\r\n"
+            );
+            6
+        ]);
+        let msg = f.err.to_string();
+        assert!(matches!(
+            f.err,
+            BackendError::Redirect {
+                problem: RedirectProblem::TooMany {
+                    limit: MAX_REDIRECTS
+                },
+                ..
+            }
+        ));
+        assert!(msg.contains("/loop") && !msg.contains("sig"), "{msg}");
+        let f = follow_fails(vec![answer("302 Found", "Location: ftp://h/b?sig=s\r\n")]);
+        match f.err {
+            BackendError::Redirect {
+                problem: RedirectProblem::BadLocation(loc),
+                ..
+            } => assert_eq!(loc, "ftp://h/b"),
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn credentials_stay_on_the_origin_and_the_range_follows() {
+        let (storage, s) = serve("127.0.0.2", vec![answer("206 Partial Content", "")]);
+        let loc = format!("Location: {}blob?sig=s\r\n", storage);
+        let (base, r) = serve("127.0.0.1", vec![answer("302 Found", &loc)]);
+        let url = base.join("v2/r/blobs/x").unwrap();
+        let reply = http(5000)
+            .follow("GET", &url, Some((5, 9)), Some("Bearer t"), &base, soon())
+            .expect("followed");
+        assert_eq!(reply.resp.status(), 206);
+        assert!(!reply.on_origin);
+        let (at_registry, at_storage) = (r.join().unwrap(), s.join().unwrap());
+        let has = |h: &str, what: &str| h.to_ascii_lowercase().contains(what);
+        assert!(has(&at_registry[0], "authorization: bearer t"));
+        assert!(has(&at_registry[0], "range: bytes=5-9"));
+        assert!(!has(&at_storage[0], "authorization"), "{}", at_storage[0]);
+        assert!(has(&at_storage[0], "range: bytes=5-9"));
+    }
+
+    #[test]
+    fn statuses_become_typed_errors() {
+        let reply_for = |status: &str, headers: &str| {
+            let (base, server) = serve("127.0.0.1", vec![answer(status, headers)]);
+            let url = base.join("v2/r/blobs/x?sig=s").unwrap();
+            let reply = http(5000)
+                .follow("GET", &url, None, None, &base, soon())
+                .unwrap();
+            server.join().unwrap();
+            reply
+        };
+        let f = status_failure(reply_for("503 Busy", "Retry-After: 2\r\n"), None);
+        assert!(f.retry);
+        assert_eq!(f.after, Some(Duration::from_secs(2)));
+        match &f.err {
+            BackendError::Status { status: 503, url } => assert!(!url.contains("sig"), "{url}"),
+            e => panic!("{e}"),
+        }
+        let f = status_failure(reply_for("403 Forbidden", ""), None);
+        assert!(!f.retry);
+        assert!(matches!(
+            f.err,
+            BackendError::AccessDenied { status: 403, .. }
+        ));
+        let f = status_failure(reply_for("404 Not Found", ""), None);
+        assert!(matches!(f.err, BackendError::NotFound));
+        let f = status_failure(reply_for("416 Range Not Satisfiable", ""), Some((10, 19)));
+        assert!(matches!(
+            f.err,
+            BackendError::ShortRead {
+                expected: 10,
+                got: 0
+            }
+        ));
+        let f = status_failure(reply_for("418 Teapot", ""), None);
+        assert!(!f.retry);
+        assert!(matches!(f.err, BackendError::Status { status: 418, .. }));
+    }
+
+    #[test]
+    fn transport_errors_keep_their_source_and_are_retried() {
+        // A port nothing listens on any more.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/v2/r?sig=s")).unwrap();
+        let f = http(5000).call("GET", &url, &[], soon()).err().unwrap();
+        assert!(f.retry);
+        let msg = f.err.to_string();
+        assert!(msg.contains(&format!("127.0.0.1:{port}/v2/r")), "{msg}");
+        assert!(!msg.contains("sig"), "{msg}");
+        let source = std::error::Error::source(&f.err).expect("a source");
+        assert!(source.downcast_ref::<ureq::Transport>().is_some());
+        assert!(matches!(f.err, BackendError::Transport { .. }));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_is_a_timeout() {
+        // Connections complete in the kernel's backlog; nothing answers.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!("http://{}/v2/", l.local_addr().unwrap())).unwrap();
+        // The request's deadline (as `with_retries` sets it) bounds the wait.
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let f = http(300).call("GET", &url, &[], deadline).err().unwrap();
+        assert!(f.retry);
+        assert!(matches!(f.err, BackendError::Timeout(_)), "{}", f.err);
+        // No time left: not even sent.
+        let f = http(300)
+            .call("GET", &url, &[], Instant::now())
+            .err()
+            .unwrap();
+        assert!(!f.retry);
+        assert!(matches!(f.err, BackendError::Timeout(_)), "{}", f.err);
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        let h = http(1000);
+        let mut n = 0;
+        let r: Result<(), _> = h.with_retries("t", |_| {
+            n += 1;
+            Err(Failure::transient(BackendError::Timeout("t".into())))
+        });
+        assert!(matches!(r, Err(BackendError::Timeout(_))));
+        assert_eq!(n, 3, "the first attempt and two retries");
+        let mut n = 0;
+        let r: Result<(), _> = h.with_retries("t", |_| {
+            n += 1;
+            Err(Failure::fatal(BackendError::NotFound))
+        });
+        assert!(matches!(r, Err(BackendError::NotFound)));
+        assert_eq!(n, 1);
+        let mut n = 0;
+        let r = h.with_retries("t", |_| {
+            n += 1;
+            if n < 3 {
+                Err(Failure::transient(BackendError::Timeout("t".into())))
+            } else {
+                Ok(n)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b = Duration::from_millis(100);
+        assert!(backoff(b, 0) <= Duration::from_millis(125));
+        assert!(backoff(b, 3) >= Duration::from_millis(600));
+        assert!(backoff(b, 30) <= Duration::from_millis(6250));
+    }
+
+    #[test]
+    fn urls_in_errors_lose_query_and_user_info() {
+        let u = Url::parse("https://u:p@cdn.example:8443/b/blob?sig=SECRET#f").unwrap();
+        assert_eq!(redact(&u), "https://cdn.example:8443/b/blob");
+        let a = Url::parse("http://reg:80/v2/").unwrap();
+        assert!(same_origin(&a, &Url::parse("http://reg/x").unwrap()));
+        assert!(!same_origin(&a, &Url::parse("https://reg/x").unwrap()));
+        assert!(!same_origin(&a, &Url::parse("http://reg:81/x").unwrap()));
+        assert!(!same_origin(&a, &Url::parse("http://other/x").unwrap()));
+    }
+}

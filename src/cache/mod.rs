@@ -104,7 +104,6 @@ impl OpenError {
     pub fn errno(&self) -> Errno {
         match self {
             OpenError::NotFound => Errno::NoEnt,
-            OpenError::Backend(BackendError::AccessDenied { .. }) => Errno::Access,
             OpenError::Backend(_) | OpenError::File { .. } => Errno::Io,
         }
     }

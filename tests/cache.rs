@@ -5,43 +5,28 @@
 mod common;
 use blobmgr::backend::{Backend, BackendError};
 use blobmgr::protocol::{Reply, Request, BLOB_ID_FIELD};
-use blobmgr::server::Stats;
-use blobmgr::{Server, ServerConfig};
 use common::*;
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 const EINVAL: u32 = 22;
 const ENOENT: u32 = 2;
 const MIB: u64 = 1 << 20;
 
-/// Reads `[start, start + len)` through a passed fd.
-fn pread(fd: &File, start: u64, len: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len as usize];
-    fd.read_exact_at(&mut v, start)
-        .expect("pread through the passed fd");
-    v
-}
-
 /// GetBlob that must succeed: (token, fd).
 fn open(c: &mut Raw, generation: u32, id: &str) -> (u64, File) {
-    let (token, result, fd) = c.get_blob(generation, id);
-    assert_eq!(result, 0, "GetBlob {id}");
-    (
-        token,
-        File::from(fd.expect("GetBlob success carries an fd")),
-    )
+    match c.open(generation, id) {
+        Ok(b) => (b.token, b.file),
+        Err(result) => panic!("GetBlob {id}: result {result}"),
+    }
 }
 
 /// Fetches `[start, start + count)` and checks the reply and the bytes.
@@ -73,7 +58,7 @@ fn blobs_of_many_sizes_read_back_exactly() {
         ("five-mib-plus-17", 5 * MIB as usize + 17),
         ("sixty-four-mib", 64 * MIB as usize),
     ];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut c = d.raw();
     for (i, (id, size)) in sizes.iter().enumerate() {
         let data = pattern(*size, 100 + i as u64);
@@ -232,22 +217,24 @@ fn tokens_generations_and_range_edges() {
 // ---------------------------------------------------------------------------
 // An in-process server over an instrumented backend.
 
-/// Blobs held in memory; counts and can fail reads.
+/// Blobs held in memory; counts and can fail reads, and can hold them.
 struct MemBackend {
     blobs: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     /// Every read_into call: (id, offset, len).
     reads: Mutex<Vec<(String, u64, u64)>>,
     failing: AtomicBool,
-    delay: Duration,
+    /// `read_into` waits while this is closed: fills stay in flight until
+    /// the test has set up what it wants them to be in flight for.
+    fills: Gate,
 }
 
 impl MemBackend {
-    fn new(delay: Duration) -> Arc<MemBackend> {
+    fn new() -> Arc<MemBackend> {
         Arc::new(MemBackend {
             blobs: Mutex::new(HashMap::new()),
             reads: Mutex::new(Vec::new()),
             failing: AtomicBool::new(false),
-            delay,
+            fills: Gate::new(true),
         })
     }
 
@@ -281,7 +268,10 @@ impl Backend for MemBackend {
     }
 
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
-        std::thread::sleep(self.delay);
+        assert!(
+            self.fills.wait_open(Duration::from_secs(60)),
+            "fills held for 60 s"
+        );
         self.reads
             .lock()
             .unwrap()
@@ -315,65 +305,16 @@ impl Backend for MemBackend {
     }
 }
 
-/// A `Server` running on its own thread until dropped or stopped.
-struct InProc {
-    sock: PathBuf,
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<Stats>>,
-    _dir: tempfile::TempDir,
-}
-
-impl InProc {
-    fn start(backend: Arc<dyn Backend>, granule: u64, max_job: u64) -> InProc {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("inproc.sock");
-        let mut cfg = ServerConfig::new(&sock, dir.path().join("work"));
+/// The server in process over `be`, with 4 workers and the given granule
+/// and fill job size. Held fills are let go before it stops.
+fn in_process(be: &Arc<MemBackend>, granule: u64, max_job: u64) -> InProc {
+    let release = be.clone();
+    InProc::start(be.clone(), |cfg| {
         cfg.cache.granule = granule;
         cfg.cache.max_job = max_job;
         cfg.workers = 4;
-        let stop =
-            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            // The server is built on the thread that drives it.
-            let mut server = match Server::new(cfg, backend) {
-                Ok(s) => s,
-                Err(e) => {
-                    tx.send(Err(e.to_string())).unwrap();
-                    return Stats::default();
-                }
-            };
-            tx.send(Ok(())).unwrap();
-            server.run(Some(stop2.as_fd())).expect("server run");
-            server.stats()
-        });
-        rx.recv().unwrap().expect("server start");
-        InProc {
-            sock,
-            stop,
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-
-    fn raw(&self) -> Raw {
-        Raw::connect(&self.sock)
-    }
-
-    fn stop(mut self) -> Stats {
-        self.stop.write(1).unwrap();
-        self.thread.take().unwrap().join().expect("server thread")
-    }
-}
-
-impl Drop for InProc {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = t.join();
-        }
-    }
+    })
+    .on_stop(move || release.fills.set(true))
 }
 
 #[test]
@@ -384,14 +325,23 @@ fn concurrent_cold_fetches_read_each_granule_once() {
         (64 * 1024, 64 * 1024, 4 * MIB + 1234),
         (MIB, 4 * MIB, 16 * MIB - 3),
     ] {
-        let be = MemBackend::new(Duration::from_millis(15));
+        let be = MemBackend::new();
         let data = Arc::new(pattern(size as usize, granule ^ size));
         be.add("cold", data.to_vec());
-        let server = InProc::start(be.clone(), granule, max_job);
+        let server = in_process(&be, granule, max_job);
+        // Fills are held until all 16 clients' fetches have been read, so
+        // every one of them finds the granules it wants cold or in flight.
+        be.fills.set(false);
         let barrier = Arc::new(Barrier::new(16));
+        let all_read = Arc::new(Barrier::new(17));
         let threads: Vec<_> = (0..16u64)
             .map(|i| {
-                let (sock, barrier, data) = (server.sock.clone(), barrier.clone(), data.clone());
+                let (sock, barrier, all_read, data) = (
+                    server.sock.clone(),
+                    barrier.clone(),
+                    all_read.clone(),
+                    data.clone(),
+                );
                 std::thread::spawn(move || {
                     let mut c = Raw::connect(&sock);
                     let (token, fd) = open(&mut c, 3, "cold");
@@ -402,10 +352,40 @@ fn concurrent_cold_fetches_read_each_granule_once() {
                         (i * 4099, size - 2 * i * 4099)
                     };
                     barrier.wait();
-                    fetch_and_check(&mut c, token, &fd, &data, start, count);
+                    let fetch = c.send(
+                        &Request::FetchRange {
+                            token,
+                            start,
+                            count,
+                        },
+                        true,
+                    );
+                    // The Noop's reply means the fetch before it was read.
+                    let noop = c.send(&Request::Noop, true);
+                    assert_eq!(c.recv().expect("Noop reply"), (noop, Reply::Noop));
+                    all_read.wait();
+                    let (t, r) = c.recv().expect("FetchRange reply");
+                    assert_eq!(t, fetch);
+                    let want = count.min(size - start);
+                    assert_eq!(
+                        r,
+                        Reply::FetchRange {
+                            token,
+                            count: want,
+                            result: 0
+                        },
+                        "FetchRange {start}+{count} of {size}"
+                    );
+                    assert!(
+                        pread(&fd, start, want)[..]
+                            == data[start as usize..(start + want) as usize],
+                        "bytes {start}+{want} differ from the source"
+                    );
                 })
             })
             .collect();
+        all_read.wait();
+        be.fills.set(true);
         for t in threads {
             t.join().expect("client thread");
         }
@@ -428,10 +408,10 @@ fn concurrent_cold_fetches_read_each_granule_once() {
 
 #[test]
 fn failing_backend_gives_result_1_then_retry_succeeds() {
-    let be = MemBackend::new(Duration::ZERO);
+    let be = MemBackend::new();
     let data = pattern(2 * MIB as usize + 100, 5);
     be.add("flaky", data.clone());
-    let server = InProc::start(be.clone(), 64 * 1024, 256 * 1024);
+    let server = in_process(&be, 64 * 1024, 256 * 1024);
     let mut c = server.raw();
     let (token, fd) = open(&mut c, 1, "flaky");
     be.failing.store(true, Ordering::SeqCst);
@@ -496,7 +476,7 @@ fn kill9_during_fetches_then_restart_serves_whole_blob() {
                     return;
                 };
                 let fd = File::from(fd);
-                let mut rng = Rng(0x1234_5678 + t);
+                let mut rng = Rng::new(0x1234_5678 + t);
                 let chunks = size / chunk;
                 for _ in 0..chunks {
                     let start = rng.below(chunks) * chunk + rng.below(1000);
@@ -602,11 +582,14 @@ fn damaged_map_is_never_trusted(damage: impl Fn(&Path)) {
     let mut c = d.raw();
     let (token, fd) = open(&mut c, 1, "m");
     fetch_and_check(&mut c, token, &fd, &newer, 0, newer.len() as u64);
-    let log = d.log_text()[log_before..].to_string();
+    // The warning may be written after the reply (by a worker): wait for it.
+    let since_restart = || d.log_text()[log_before..].to_string();
     assert!(
-        log.lines()
-            .any(|l| l.contains("WARN") && l.contains("map") && l.contains("/m")),
-        "no warn line about the map:\n{log}"
+        wait_until(Duration::from_secs(10), || since_restart().lines().any(
+            |l| l.contains("WARN") && l.contains("map") && l.contains("/m")
+        )),
+        "no warn line about the map:\n{}",
+        since_restart()
     );
 }
 
@@ -792,14 +775,18 @@ fn disconnect_with_fetches_in_flight_leaves_others_served() {
 
 #[test]
 fn disconnect_while_its_fill_is_slow_in_process() {
-    // A slow backend makes sure the fills are in flight when the owner leaves.
-    let be = MemBackend::new(Duration::from_millis(40));
+    // The backend holds the fills until the owner has left: they are in
+    // flight when it goes, with another client waiting on them.
+    let be = MemBackend::new();
     let data = pattern(2 * MIB as usize, 81);
     be.add("slow", data.clone());
-    let server = InProc::start(be.clone(), 64 * 1024, 64 * 1024);
+    let server = in_process(&be, 64 * 1024, 64 * 1024);
     let size = data.len() as u64;
     let mut a = server.raw();
     let (ta, _) = open(&mut a, 1, "slow");
+    let mut b = server.raw();
+    let (tb, fdb) = open(&mut b, 1, "slow");
+    be.fills.set(false);
     a.send(
         &Request::FetchRange {
             token: ta,
@@ -811,8 +798,6 @@ fn disconnect_while_its_fill_is_slow_in_process() {
     let noop = a.send(&Request::Noop, true);
     let (t, r) = a.recv().unwrap();
     assert_eq!((t, r), (noop, Reply::Noop), "Noop overtakes the cold fetch");
-    let mut b = server.raw();
-    let (tb, fdb) = open(&mut b, 1, "slow");
     let btag = b.send(
         &Request::FetchRange {
             token: tb,
@@ -821,7 +806,11 @@ fn disconnect_while_its_fill_is_slow_in_process() {
         },
         true,
     );
+    // b's fetch has been read (it waits on a's fills) once its Noop is back.
+    let bnoop = b.send(&Request::Noop, true);
+    assert_eq!(b.recv().unwrap(), (bnoop, Reply::Noop));
     drop(a);
+    be.fills.set(true);
     let (t, r) = b.recv().unwrap();
     assert_eq!(t, btag);
     assert_eq!(

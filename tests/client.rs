@@ -5,6 +5,8 @@
 //! Every test holds `SERIAL` so that the fd counts of the garbage test are not
 //! disturbed by other tests of this file running at the same time.
 
+mod common;
+
 use blobmgr::client::{Client, ClientError, RemoteBlob};
 use blobmgr::protocol::{self, Reply};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -12,12 +14,13 @@ use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use common::{pattern, wait_until, Daemon, Rng};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -28,114 +31,20 @@ fn serial() -> MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------
 // Helpers
 
-/// xorshift64*: deterministic test data and choices.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn blob_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng::new(seed);
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        v.extend_from_slice(&r.next().to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Temp dir with backend blobs, a work dir and a socket path.
-struct Env {
-    dir: tempfile::TempDir,
-    blobs: Vec<(String, Vec<u8>)>,
-}
-
-impl Env {
-    fn new(sizes: &[usize]) -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("backend")).expect("mkdir backend");
-        std::fs::create_dir(dir.path().join("work")).expect("mkdir work");
-        let mut blobs = Vec::new();
-        for (i, &size) in sizes.iter().enumerate() {
+/// A daemon whose backend holds one blob per size: (id, bytes) each.
+fn daemon_with_blobs(sizes: &[usize]) -> (Daemon, Vec<(String, Vec<u8>)>) {
+    let d = Daemon::start(&[]);
+    let blobs = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
             let id = format!("blob-{i}-{size}");
-            let data = blob_bytes(i as u64 + 1, size);
-            std::fs::write(dir.path().join("backend").join(&id), &data).expect("write blob");
-            blobs.push((id, data));
-        }
-        Env { dir, blobs }
-    }
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("d.sock")
-    }
-}
-
-/// A running `blobmgr serve`, killed and reaped on drop (even on panic).
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(env: &Env) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_blobmgr"))
-            .arg("serve")
-            .arg("--sock")
-            .arg(env.sock())
-            .arg("--workdir")
-            .arg(env.dir.path().join("work"))
-            .arg("--backend")
-            .arg(env.dir.path().join("backend"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn blobmgr serve");
-        let mut d = Daemon { child };
-        d.wait_ready(&env.sock());
-        d
-    }
-
-    fn wait_ready(&mut self, sock: &Path) {
-        let t = Instant::now();
-        loop {
-            if UnixStream::connect(sock).is_ok() {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("daemon exited before it was ready: {status}");
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "daemon not ready after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL and reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+            let data = pattern(size, i as u64 + 1);
+            d.add_blob(&id, &data);
+            (id, data)
+        })
+        .collect();
+    (d, blobs)
 }
 
 fn open_fds() -> usize {
@@ -167,16 +76,15 @@ fn check_read(client: &Client, blob: &RemoteBlob, data: &[u8], offset: u64, len:
 #[test]
 fn concurrent_mixed_calls_over_one_client() {
     let _s = serial();
-    let env = Env::new(&[1, 4_000, 300_001, 2_600_000]);
-    let _d = Daemon::start(&env);
+    let (d, blobs) = daemon_with_blobs(&[1, 4_000, 300_001, 2_600_000]);
     let client = Arc::new(
         Client::builder()
             .timeout(Duration::from_secs(60))
-            .connect(env.sock())
+            .connect(&d.sock)
             .expect("connect"),
     );
     let shared: Arc<Vec<(RemoteBlob, Vec<u8>)>> = Arc::new(
-        env.blobs
+        blobs
             .iter()
             .map(|(id, data)| {
                 let b = client.get_blob(id).expect("get_blob");
@@ -187,7 +95,7 @@ fn concurrent_mixed_calls_over_one_client() {
             })
             .collect(),
     );
-    let ids: Arc<Vec<(String, Vec<u8>)>> = Arc::new(env.blobs.clone());
+    let ids: Arc<Vec<(String, Vec<u8>)>> = Arc::new(blobs.clone());
     let counts = Arc::new([
         AtomicUsize::new(0),
         AtomicUsize::new(0),
@@ -268,18 +176,17 @@ fn concurrent_mixed_calls_over_one_client() {
 #[test]
 fn blob_handles_survive_daemon_kill_and_restart() {
     let _s = serial();
-    let env = Env::new(&[3_000_000]);
-    let mut daemon = Daemon::start(&env);
+    let (mut daemon, blobs) = daemon_with_blobs(&[3_000_000]);
     let client = Arc::new(
         Client::builder()
             .timeout(Duration::from_secs(3))
             .connect_retries(3)
             .backoff(Duration::from_millis(10), Duration::from_millis(100))
-            .connect(env.sock())
+            .connect(&daemon.sock)
             .expect("connect"),
     );
-    let data = Arc::new(env.blobs[0].1.clone());
-    let blob = Arc::new(client.get_blob(&env.blobs[0].0).expect("get_blob"));
+    let data = Arc::new(blobs[0].1.clone());
+    let blob = Arc::new(client.get_blob(&blobs[0].0).expect("get_blob"));
     let token_before = blob.token();
 
     // A reader looping for the whole test: every Ok must carry the right bytes.
@@ -301,22 +208,22 @@ fn blob_handles_survive_daemon_kill_and_restart() {
                         assert!(buf[..n] == data[off as usize..off as usize + n]);
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
+                    // While the daemon is down, each call spends the
+                    // client's own connect retries and backoff first.
                     Err(_) => {
                         failed.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(5));
                     }
                 }
             }
         })
     };
     let wait_for = |counter: &AtomicUsize, n: usize| {
-        let t = Instant::now();
         let base = counter.load(Ordering::Relaxed);
-        while counter.load(Ordering::Relaxed) < base + n {
-            assert!(!reader.is_finished(), "reader thread died");
-            assert!(t.elapsed() < Duration::from_secs(60), "no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let progressed = wait_until(Duration::from_secs(60), || {
+            counter.load(Ordering::Relaxed) >= base + n || reader.is_finished()
+        });
+        assert!(!reader.is_finished(), "reader thread died");
+        assert!(progressed, "no progress");
     };
     wait_for(&ok, 50);
 
@@ -335,7 +242,7 @@ fn blob_handles_survive_daemon_kill_and_restart() {
         eprintln!("round {round}: during the outage: {e}");
         wait_for(&failed, 1);
 
-        daemon = Daemon::start(&env);
+        daemon.spawn();
         // Same Client, same RemoteBlob: works again right away.
         check_read(&client, &blob, &data, 2_000_000, 300_000);
         check_read(&client, &blob, &data, 0, data.len());
@@ -355,7 +262,7 @@ fn blob_handles_survive_daemon_kill_and_restart() {
     reader.join().expect("reader thread panicked");
     // A new blob can be opened on the re-established connection too.
     let again = client
-        .get_blob(&env.blobs[0].0)
+        .get_blob(&blobs[0].0)
         .expect("get_blob after restart");
     check_read(&client, &again, &data, 1, 10);
     drop(daemon);
@@ -369,12 +276,21 @@ fn blob_handles_survive_daemon_kill_and_restart() {
 type Behaviour = dyn Fn(usize, &mut UnixStream, u64, u32, &[u8]) -> bool + Send + Sync;
 
 /// A Unix listener served by a thread of this process, one connection at a
-/// time; stopped and joined on drop.
+/// time; stopped and joined on drop. The thread blocks in `accept` and
+/// `read`; drop wakes it by shutting the current connection down and
+/// connecting once to the listener.
 struct FakeServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<FakeState>>,
     thread: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct FakeState {
+    stop: bool,
+    /// A handle on the connection being served, to shut it down on drop.
+    current: Option<UnixStream>,
 }
 
 impl FakeServer {
@@ -382,28 +298,25 @@ impl FakeServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("fake.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let st = state.clone();
         let thread = std::thread::spawn(move || {
-            let mut conn = 0;
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false).expect("blocking");
-                        stream
-                            .set_read_timeout(Some(Duration::from_millis(20)))
-                            .expect("read timeout");
-                        serve_fake(&s, conn, &mut stream, &*behaviour);
-                        conn += 1;
+            let accepted = listener.incoming().filter_map(Result::ok);
+            for (conn, mut stream) in accepted.enumerate() {
+                {
+                    let mut st = st.lock().unwrap_or_else(|p| p.into_inner());
+                    if st.stop {
+                        return;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    st.current = Some(stream.try_clone().expect("dup connection"));
                 }
+                serve_fake(conn, &mut stream, &*behaviour);
+                st.lock().unwrap_or_else(|p| p.into_inner()).current = None;
             }
         });
         FakeServer {
             path,
-            stop,
+            state,
             thread: Some(thread),
             _dir: dir,
         }
@@ -412,28 +325,29 @@ impl FakeServer {
 
 impl Drop for FakeServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.stop = true;
+            if let Some(c) = st.current.take() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        // Wakes an `accept`; the thread sees `stop` and returns.
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-/// Reads exactly `buf.len()` bytes, giving up at EOF or when stopped.
-fn read_full(stop: &AtomicBool, s: &mut UnixStream, buf: &mut [u8]) -> bool {
+/// Reads exactly `buf.len()` bytes; false at EOF (or when the connection
+/// was shut down).
+fn read_full(s: &mut UnixStream, buf: &mut [u8]) -> bool {
     let mut done = 0;
     while done < buf.len() {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
         match s.read(&mut buf[done..]) {
             Ok(0) => return false,
             Ok(n) => done += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return false,
         }
@@ -441,35 +355,23 @@ fn read_full(stop: &AtomicBool, s: &mut UnixStream, buf: &mut [u8]) -> bool {
     true
 }
 
-fn serve_fake(stop: &AtomicBool, conn: usize, s: &mut UnixStream, b: &Behaviour) {
+fn serve_fake(conn: usize, s: &mut UnixStream, b: &Behaviour) {
     loop {
         let mut h = [0u8; protocol::HEADER_SIZE];
-        if !read_full(stop, s, &mut h) {
+        if !read_full(s, &mut h) {
             return;
         }
         let tag = u64::from_le_bytes(h[0..8].try_into().expect("8 bytes"));
         let code = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         let size = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
         let mut body = vec![0u8; size.min(4096)];
-        if !read_full(stop, s, &mut body) {
+        if !read_full(s, &mut body) {
             return;
         }
         if !b(conn, s, tag, code, &body) {
-            // Hold on until the client notices, then close.
+            // Hold on until the client notices (EOF), then close.
             let _ = s.shutdown(std::net::Shutdown::Write);
-            let mut sink = [0u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                match s.read(&mut sink) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => return,
-                }
-            }
+            let _ = io::copy(s, &mut io::sink());
             return;
         }
     }
@@ -564,7 +466,7 @@ fn garbage_replies_give_errors_without_panics_or_fd_leaks() {
                     return true;
                 }
                 let mut r = Rng::new(conn as u64 + 99);
-                let junk = blob_bytes(conn as u64 + 7, 1 + r.below(120) as usize);
+                let junk = pattern(1 + r.below(120) as usize, conn as u64 + 7);
                 let _ = s.write_all(&junk);
                 false
             },
@@ -763,11 +665,14 @@ fn pipelined_replies_out_of_order_reach_their_callers() {
     // out. The held reply is a GetBlob (with an fd); the other a Noop.
     let held: Arc<Mutex<Vec<(u64, u32)>>> = Arc::new(Mutex::new(Vec::new()));
     let h = held.clone();
+    // Told each time a request is held.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<u32>();
     let server = FakeServer::start(Arc::new(
         move |_, s: &mut UnixStream, tag, code, _: &[u8]| {
             let mut held = h.lock().unwrap_or_else(|p| p.into_inner());
             held.push((tag, code));
             if held.len() < 2 {
+                let _ = held_tx.send(code);
                 return true;
             }
             for &(tag, code) in held.iter().rev() {
@@ -792,11 +697,10 @@ fn pipelined_replies_out_of_order_reach_their_callers() {
         let c = client.clone();
         let slow = std::thread::spawn(move || c.get_blob("held").map(|b| b.size()));
         // Make sure the GetBlob is the held one.
-        let t = Instant::now();
-        while held.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-            assert!(t.elapsed() < Duration::from_secs(10), "GetBlob never sent");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let code = held_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("GetBlob never sent");
+        assert_eq!(code, 1, "the held request is the GetBlob");
         client.ping().expect("ping overtaking a held GetBlob");
         let size = slow.join().expect("GetBlob thread panicked");
         assert_eq!(size.expect("held GetBlob"), 1000);

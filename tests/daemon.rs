@@ -10,16 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// A raw 20-byte header with arbitrary field values.
-fn header(tag: u64, code: u32, flags: u32, size: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER_SIZE);
-    v.extend_from_slice(&tag.to_le_bytes());
-    v.extend_from_slice(&code.to_le_bytes());
-    v.extend_from_slice(&flags.to_le_bytes());
-    v.extend_from_slice(&size.to_le_bytes());
-    v
-}
-
 const NEED: u32 = protocol::VERSION | protocol::FLAG_NEED_REPLY;
 
 /// Lines of the daemon log that report a malformed message from this
@@ -89,22 +79,18 @@ fn header_sent_one_byte_at_a_time_is_answered() {
     let data = pattern(10_000, 3);
     d.add_blob("slow", &data);
     let mut c = d.raw();
+    // Each byte is sent once the daemon has read the one before, so every
+    // byte arrives in a read of its own.
     let mut out = Vec::new();
     protocol::encode_request(&mut out, 77, true, &Request::Noop);
-    for b in &out {
-        c.send_bytes(&[*b]).unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-    }
+    c.send_trickled(&out);
     let (t, r) = c.recv().expect("reply");
     assert_eq!((t, r), (77, Reply::Noop));
 
     // A GetBlob trickled byte by byte still gets its reply and its fd.
     let mut out = Vec::new();
     protocol::encode_request(&mut out, 78, true, &Request::get_blob(1, "slow").unwrap());
-    for b in &out {
-        c.send_bytes(&[*b]).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    c.send_trickled(&out);
     let (t, r) = c.recv().expect("reply");
     assert_eq!(t, 78);
     let Reply::GetBlob { token, result, .. } = r else {

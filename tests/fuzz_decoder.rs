@@ -26,15 +26,13 @@ mod common;
 
 use blobmgr::connection::{ConnError, Connection, Peer, ReadStatus};
 use blobmgr::protocol::{self, Message, ProtocolError, Request, HEADER_SIZE};
-use common::Rng;
+use common::{env_u64, header, mix, test_seed, Rng};
 use std::io::Write;
 use std::time::Instant;
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (x ^ (x >> 31)) | 1
+/// A nonzero generator state from `x`.
+fn splitmix(x: u64) -> u64 {
+    mix(x) | 1
 }
 
 const ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-";
@@ -333,7 +331,8 @@ struct Totals {
 
 fn run_case(case: u64, with_connection: bool, t: &mut Totals) {
     let _g = CaseGuard(case);
-    let mut rng = Rng(case);
+    // Exactly the printed case, whatever BLOBMGR_TEST_SEED says.
+    let mut rng = Rng::exact(case);
     let buf = input(&mut rng);
     let expect = one_shot(&buf, &mut rng);
     t.cases += 1;
@@ -344,15 +343,6 @@ fn run_case(case: u64, with_connection: bool, t: &mut Totals) {
     if with_connection {
         check_connection(&buf, &mut rng, &expect);
         t.conn_cases += 1;
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
     }
 }
 
@@ -387,7 +377,11 @@ fn fuzz(seed: u64, iters: u64, conn_every: u64) -> Totals {
 
 #[test]
 fn fuzz_decoder_and_connection_bounded() {
-    let seed = env_u64("BLOBMGR_FUZZ_SEED").unwrap_or(0x5eed);
+    // BLOBMGR_FUZZ_SEED, else the run's BLOBMGR_TEST_SEED (mixed), else 0x5eed.
+    let seed = env_u64("BLOBMGR_FUZZ_SEED").unwrap_or(match test_seed() {
+        0 => 0x5eed,
+        s => mix(s),
+    });
     let t = fuzz(seed, 200_000, 10);
     if env_u64("BLOBMGR_FUZZ_CASE").is_none() {
         // The generator reaches both outcomes in bulk.
@@ -401,16 +395,12 @@ fn fuzz_decoder_and_connection_bounded() {
 /// the code, flags and size values the mutator favours.
 #[test]
 fn header_fields_exhaustive() {
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     for code in [0u32, 1, 2, 3, 4, 0x8000_0000, u32::MAX] {
         for flags in [0u32, 1, 2, 3, 5, 9, 13, 0x10 | 9, 0x8000_0009, u32::MAX] {
             for size in [0u32, 1, 19, 20, 24, 259, 260, 261, 4096, 4097, u32::MAX] {
                 for tag in [0u64, 1, u64::MAX] {
-                    let mut v = Vec::new();
-                    v.extend_from_slice(&tag.to_le_bytes());
-                    v.extend_from_slice(&code.to_le_bytes());
-                    v.extend_from_slice(&flags.to_le_bytes());
-                    v.extend_from_slice(&size.to_le_bytes());
+                    let mut v = header(tag, code, flags, size);
                     v.extend(std::iter::repeat_n(0u8, size.min(4200) as usize));
                     let expect = one_shot(&v, &mut rng);
                     let valid = code < 3

@@ -4,22 +4,19 @@
 mod common;
 use blobmgr::backend::LocalFs;
 use blobmgr::protocol::{self, Reply, Request};
-use blobmgr::server::{Registrar, Server, ServerConfig, Stats, COMPLETIONS_ID, LISTENER_ID};
+use blobmgr::server::{Registrar, Server, Stats, COMPLETIONS_ID, LISTENER_ID};
 use common::*;
 use mio::Interest;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const HOST_STOP: u64 = (usize::MAX - 1000) as u64;
@@ -35,9 +32,17 @@ struct HostCounts {
     connection_events: u64,
 }
 
+/// Shared with the test thread, which may wait on a count while the host
+/// runs.
+type Counts = Arc<Mutex<HostCounts>>;
+
+fn count(counts: &Counts, f: impl FnOnce(&mut HostCounts)) {
+    f(&mut counts.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
 struct EpollRegistrar {
     epoll: Rc<Epoll>,
-    counts: Rc<Cell<HostCounts>>,
+    counts: Counts,
 }
 
 fn epoll_flags(interest: Interest) -> EpollFlags {
@@ -53,9 +58,7 @@ fn epoll_flags(interest: Interest) -> EpollFlags {
 
 impl EpollRegistrar {
     fn count(&self, f: impl FnOnce(&mut HostCounts)) {
-        let mut c = self.counts.get();
-        f(&mut c);
-        self.counts.set(c);
+        count(&self.counts, f);
     }
 }
 
@@ -93,100 +96,85 @@ fn epoll_timeout(d: Option<Duration>) -> EpollTimeout {
     }
 }
 
-/// A host loop thread driving a server built with `with_registrar`.
+/// A host loop thread driving a server built with `with_registrar`, on the
+/// shared in-process harness (temp dir, startup report, stop eventfd, join).
 struct Host {
+    server: InProc<(Stats, HostCounts)>,
     sock: PathBuf,
     backend: PathBuf,
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<(Stats, HostCounts)>>,
-    _dir: tempfile::TempDir,
+    counts: Counts,
 }
 
 impl Host {
     fn start() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("host.sock");
-        let backend = dir.path().join("be");
-        std::fs::create_dir(&backend).unwrap();
-        let mut cfg = ServerConfig::new(&sock, dir.path().join("work"));
-        cfg.workers = 2;
-        let stop =
-            Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop2, be) = (stop.clone(), backend.clone());
-        let thread = std::thread::spawn(move || {
-            let epoll = Rc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap());
-            // The host's own fd, in the same epoll.
-            epoll
-                .add(
-                    stop2.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, HOST_STOP),
-                )
-                .unwrap();
-            let counts = Rc::new(Cell::new(HostCounts::default()));
-            let registrar = EpollRegistrar {
-                epoll: epoll.clone(),
-                counts: counts.clone(),
-            };
-            let mut server = match Server::with_registrar(
-                cfg,
-                Arc::new(LocalFs::new(be)),
-                Box::new(registrar),
-            ) {
-                Ok(s) => s,
-                Err(e) => {
-                    tx.send(Err(e.to_string())).unwrap();
-                    return (Stats::default(), HostCounts::default());
-                }
-            };
-            tx.send(Ok(())).unwrap();
-            let mut events = vec![EpollEvent::empty(); 64];
-            'host: loop {
-                let n = match epoll.wait(&mut events, epoll_timeout(server.next_timeout())) {
-                    Ok(n) => n,
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => panic!("epoll_wait: {e}"),
+        let counts = Counts::default();
+        let host_counts = counts.clone();
+        let server = InProc::spawn(
+            |cfg, _| cfg.workers = 2,
+            move |cfg, dir| {
+                let be = dir.join("be");
+                std::fs::create_dir(&be)?;
+                let epoll = Rc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
+                let registrar = EpollRegistrar {
+                    epoll: epoll.clone(),
+                    counts: host_counts.clone(),
                 };
-                for ev in &events[..n] {
-                    let mut c = counts.get();
-                    match ev.data() {
-                        HOST_STOP => break 'host,
-                        id if id == LISTENER_ID as u64 => c.listener_events += 1,
-                        id if id == COMPLETIONS_ID as u64 => c.completion_events += 1,
-                        _ => c.connection_events += 1,
-                    }
-                    counts.set(c);
-                    server.dispatch(ev.data() as usize);
-                }
-                server.handle_timeout();
-            }
-            let stats = server.stats();
-            drop(server);
-            (stats, counts.get())
-        });
-        rx.recv().unwrap().expect("server start");
+                let server =
+                    Server::with_registrar(cfg, Arc::new(LocalFs::new(be)), Box::new(registrar))?;
+                Ok((server, epoll, host_counts))
+            },
+            |(server, epoll, counts), stop| host_loop(server, &epoll, &counts, stop),
+        );
         Host {
-            sock,
-            backend,
-            stop,
-            thread: Some(thread),
-            _dir: dir,
+            sock: server.sock.clone(),
+            backend: server.dir().join("be"),
+            server,
+            counts,
         }
     }
 
-    fn stop(mut self) -> (Stats, HostCounts) {
-        self.stop.write(1).unwrap();
-        self.thread.take().unwrap().join().expect("host thread")
+    fn counts(&self) -> HostCounts {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop(self) -> (Stats, HostCounts) {
+        self.server.stop()
     }
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = t.join();
+/// The host's event loop: one epoll for its own fd (the stop eventfd) and
+/// every fd the server registered through the registrar.
+fn host_loop(
+    mut server: Server,
+    epoll: &Epoll,
+    counts: &Counts,
+    stop: BorrowedFd<'_>,
+) -> (Stats, HostCounts) {
+    epoll
+        .add(stop, EpollEvent::new(EpollFlags::EPOLLIN, HOST_STOP))
+        .unwrap();
+    let mut events = vec![EpollEvent::empty(); 64];
+    'host: loop {
+        let n = match epoll.wait(&mut events, epoll_timeout(server.next_timeout())) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => panic!("epoll_wait: {e}"),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                HOST_STOP => break 'host,
+                id if id == LISTENER_ID as u64 => count(counts, |c| c.listener_events += 1),
+                id if id == COMPLETIONS_ID as u64 => count(counts, |c| c.completion_events += 1),
+                _ => count(counts, |c| c.connection_events += 1),
+            }
+            server.dispatch(ev.data() as usize);
         }
+        server.handle_timeout();
     }
+    let stats = server.stats();
+    drop(server);
+    let counts = *counts.lock().unwrap_or_else(|p| p.into_inner());
+    (stats, counts)
 }
 
 #[test]
@@ -204,7 +192,7 @@ fn host_epoll_loop_serves_noop_getblob_fetchrange() {
                 let (token, result, fd) = c.get_blob(i as u32 + 1, "blob");
                 assert_eq!(result, 0);
                 let fd = File::from(fd.expect("fd"));
-                let mut rng = Rng(i + 17);
+                let mut rng = Rng::new(i + 17);
                 for _ in 0..20 {
                     let start = rng.below(data.len() as u64);
                     let count = rng.below(2 << 20) + 1;
@@ -260,8 +248,16 @@ fn host_loop_delivers_writable_for_backlogged_output() {
         writer.write_all(&out).unwrap();
     });
     // Not reading yet: the daemon's replies fill the socket, so it must ask
-    // the host for WRITABLE and be woken by EPOLLOUT to finish.
-    std::thread::sleep(Duration::from_millis(300));
+    // the host for WRITABLE and be woken by EPOLLOUT to finish. Read only
+    // once it has asked.
+    assert!(
+        wait_until(Duration::from_secs(20), || host
+            .counts()
+            .writable_registrations
+            > 0),
+        "the server never asked the host for WRITABLE: {:?}",
+        host.counts()
+    );
     let mut seen = HashSet::new();
     for _ in 0..n {
         let (t, r) = c.recv().expect("reply");

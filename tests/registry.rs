@@ -1,25 +1,23 @@
 //! The registry backend end to end: the real daemon binary pulling blobs by
 //! range from a real OCI registry (Debian's `docker-registry`, the CNCF
-//! distribution registry) and from small fake HTTP servers written here for
-//! the cases a real registry will not produce (wrong bytes, auth flows,
-//! redirects off the registry, servers that ignore Range).
+//! distribution registry) and from small fake HTTP servers
+//! (`common::FakeHttp`) for the cases a real registry will not produce
+//! (wrong bytes, auth flows, redirects off the registry, servers that ignore
+//! Range).
 //!
 //! Everything listens on loopback only.
 
 mod common;
 
-use blobmgr::protocol::{Reply, Request};
-use common::{pattern, sha256, Daemon, Raw, Rng};
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
+use common::{
+    pattern, serve_data, sha256, wait_until, Blob, Daemon, FakeHttp, Raw, Req, Resp, Rng,
+};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 /// The cache's default fill job (one HTTP request per job).
@@ -43,89 +41,6 @@ fn digest_hex(data: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // Talking to the daemon
 
-/// An opened blob on a raw connection.
-struct Opened {
-    token: u64,
-    file: File,
-    base: u64,
-}
-
-impl Opened {
-    fn size(&self) -> u64 {
-        self.file.metadata().expect("fstat").len() - self.base
-    }
-
-    fn read(&self, start: u64, len: u64) -> Vec<u8> {
-        let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, self.base + start)
-            .expect("pread");
-        buf
-    }
-}
-
-/// One request, one reply. Retries EINTR: a blocking recvmsg on a socket
-/// with a receive timeout is not restarted after a signal (signal(7)).
-fn call(raw: &mut Raw, req: &Request) -> Reply {
-    let tag = raw.send(req, true);
-    loop {
-        match raw.recv() {
-            Ok((t, r)) => {
-                assert_eq!(t, tag, "reply to another request");
-                return r;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("no reply: {e}"),
-        }
-    }
-}
-
-/// FetchRange: (count, result).
-fn fetch(raw: &mut Raw, token: u64, start: u64, count: u64) -> (u64, u32) {
-    match call(
-        raw,
-        &Request::FetchRange {
-            token,
-            start,
-            count,
-        },
-    ) {
-        Reply::FetchRange {
-            token: t,
-            count,
-            result,
-        } => {
-            assert_eq!(t, token);
-            (count, result)
-        }
-        other => panic!("unexpected reply {other:?}"),
-    }
-}
-
-/// GetBlob: the blob, or the errno the daemon answered.
-fn open(raw: &mut Raw, id: &str) -> Result<Opened, u32> {
-    let before = raw.fds.len();
-    match call(raw, &Request::get_blob(1, id).expect("id fits")) {
-        Reply::GetBlob {
-            token,
-            base,
-            result: 0,
-        } => {
-            assert_eq!(raw.fds.len(), before + 1, "GetBlob success without an fd");
-            Ok(Opened {
-                token,
-                file: File::from(raw.fds.remove(before)),
-                base,
-            })
-        }
-        Reply::GetBlob { result, .. } => {
-            assert_eq!(raw.fds.len(), before, "an fd came with a GetBlob error");
-            Err(result)
-        }
-        other => panic!("unexpected reply {other:?}"),
-    }
-}
-
 fn daemon_with(url: &str, extra: &[&str]) -> Daemon {
     let mut args = vec!["--backend", url];
     args.extend_from_slice(extra);
@@ -133,9 +48,9 @@ fn daemon_with(url: &str, extra: &[&str]) -> Daemon {
 }
 
 /// Fetches and reads back all of a blob, checking its digest.
-fn pull_all(raw: &mut Raw, b: &Opened, expect: &[u8]) {
+fn pull_all(raw: &mut Raw, b: &Blob, expect: &[u8]) {
     let size = b.size();
-    assert_eq!(fetch(raw, b.token, 0, size), (size, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, 0, size), (size, FETCH_OK));
     let got = b.read(0, size);
     assert!(got == expect, "pulled bytes differ from the source");
     assert_eq!(sha256(&got), sha256(expect));
@@ -230,24 +145,22 @@ impl Registry {
             .spawn()
             .expect("spawn docker-registry");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let a = agent();
-        loop {
-            if let Ok(r) = a.get(&format!("{}/v2/", self.base())).call() {
+        let (a, base) = (agent(), self.base());
+        let child = self.child.as_mut().expect("registry spawned");
+        let mut exited = None;
+        let done = wait_until(Duration::from_secs(20), || {
+            if let Ok(r) = a.get(&format!("{base}/v2/")).call() {
                 if r.status() == 200 {
-                    return;
+                    return true;
                 }
             }
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("docker-registry exited ({st}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry not ready after 20 s: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            exited = child.try_wait().ok().flatten();
+            exited.is_some()
+        });
+        if let Some(st) = exited {
+            panic!("docker-registry exited ({st}): {}", self.log());
         }
+        assert!(done, "docker-registry not ready after 20 s: {}", self.log());
     }
 
     fn stop(&mut self) {
@@ -288,10 +201,34 @@ impl Registry {
         hex
     }
 
-    /// Blob GETs of `hex` in the access log.
+    /// Blob GETs of `hex` in the access log, once the log has caught up
+    /// (see [`Registry::sync_log`]).
     fn blob_gets(&self, repo: &str, hex: &str) -> usize {
+        self.sync_log();
         let needle = format!("\"GET /v2/{repo}/blobs/sha256:{hex} ");
         self.log().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// Waits for the access log to catch up with the requests answered so
+    /// far. The registry writes a request's line when its handler returns,
+    /// which can be after the client has the whole body (the daemon may have
+    /// answered the test already). So: a request of our own, on a connection
+    /// of its own, made after those responses were complete, and wait for its
+    /// line. (Connections are handled concurrently, so this orders the lines
+    /// as far as an earlier handler, whose response was already sent, returns
+    /// before a whole new request has been served and logged.)
+    fn sync_log(&self) {
+        static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mark = format!("log-mark={}", MARK.fetch_add(1, Ordering::Relaxed));
+        agent()
+            .get(&format!("{}/v2/?{mark}", self.base()))
+            .call()
+            .expect("registry answers /v2/");
+        assert!(
+            wait_until(Duration::from_secs(10), || self.log().contains(&mark)),
+            "the registry never logged {mark}: {}",
+            self.log()
+        );
     }
 }
 
@@ -302,189 +239,7 @@ impl Drop for Registry {
 }
 
 // ---------------------------------------------------------------------------
-// A small fake HTTP server
-
-#[derive(Clone, Debug)]
-struct Req {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Req {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn path_only(&self) -> &str {
-        self.path.split('?').next().unwrap_or("")
-    }
-
-    fn query(&self) -> HashMap<String, String> {
-        let q = self.path.split_once('?').map_or("", |(_, q)| q);
-        url::form_urlencoded::parse(q.as_bytes())
-            .into_owned()
-            .collect()
-    }
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn new(status: u16) -> Resp {
-        Resp {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
-    }
-
-    fn header(mut self, n: &str, v: &str) -> Resp {
-        self.headers.push((n.into(), v.into()));
-        self
-    }
-
-    fn body(mut self, b: Vec<u8>) -> Resp {
-        self.body = b;
-        self
-    }
-}
-
-/// Serves `data` for a GET or HEAD: honouring Range (206) when `ranges`,
-/// else the whole body (200).
-fn serve_data(req: &Req, data: &[u8], ranges: bool) -> Resp {
-    if ranges {
-        if let Some(r) = req.header("Range").and_then(|r| r.strip_prefix("bytes=")) {
-            let (a, b) = r.split_once('-').expect("range");
-            let a: usize = a.parse().expect("range start");
-            let b: usize = b.parse::<usize>().expect("range end").min(data.len() - 1);
-            return Resp::new(206)
-                .header("Content-Range", &format!("bytes {a}-{b}/{}", data.len()))
-                .body(data[a..=b].to_vec());
-        }
-    }
-    Resp::new(200).body(data.to_vec())
-}
-
-type Handler = dyn Fn(&Req) -> Resp + Send + Sync;
-
-/// An HTTP/1.1 server on a loopback address: every request is logged and
-/// answered by the handler; connections are kept alive.
-struct Fake {
-    addr: SocketAddr,
-    reqs: Arc<Mutex<Vec<Req>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Fake {
-    fn start(ip: &str, handler: impl Fn(&Req) -> Resp + Send + Sync + 'static) -> Fake {
-        let listener = TcpListener::bind((ip, 0)).expect("bind fake server");
-        let addr = listener.local_addr().expect("addr");
-        let reqs = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let (r2, s2) = (reqs.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (h, r) = (handler.clone(), r2.clone());
-                std::thread::spawn(move || serve_conn(conn, &*h, &r));
-            }
-        });
-        Fake { addr, reqs, stop }
-    }
-
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Req> {
-        self.reqs.lock().unwrap().clone()
-    }
-
-    fn count(&self, method: &str, path_prefix: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|r| r.method == method && r.path.starts_with(path_prefix))
-            .count()
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-fn serve_conn(conn: TcpStream, handler: &Handler, log: &Mutex<Vec<Req>>) {
-    // Idle keep-alive connections end on their own.
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let Ok(mut out) = conn.try_clone() else {
-        return;
-    };
-    let mut rd = BufReader::new(conn);
-    loop {
-        let mut line = String::new();
-        match rd.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-            return;
-        };
-        let mut req = Req {
-            method: method.to_string(),
-            path: path.to_string(),
-            headers: Vec::new(),
-        };
-        loop {
-            let mut h = String::new();
-            if rd.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = h.split_once(':') {
-                req.headers
-                    .push((n.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        // Requests with a body are not expected; skip one if present.
-        if let Some(n) = req
-            .header("Content-Length")
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            let _ = std::io::copy(&mut (&mut rd).take(n), &mut std::io::sink());
-        }
-        log.lock().unwrap().push(req.clone());
-        let resp = handler(&req);
-        let mut head = format!("HTTP/1.1 {} X\r\n", resp.status);
-        for (n, v) in &resp.headers {
-            head.push_str(&format!("{n}: {v}\r\n"));
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", resp.body.len()));
-        if out.write_all(head.as_bytes()).is_err() {
-            return;
-        }
-        if req.method != "HEAD" && out.write_all(&resp.body).is_err() {
-            return;
-        }
-    }
-}
+// Fake registries (common::FakeHttp)
 
 /// Which blob a `/v2/<repo>/blobs/sha256:<hex>` path names.
 fn blob_hex<'a>(req: &'a Req, repo: &str) -> Option<&'a str> {
@@ -508,9 +263,11 @@ fn real_registry_serves_ranges_by_digest_one_request_per_job() {
 
     // Ids: a digest in either spelling; anything else is EINVAL; a digest
     // the registry lacks is ENOENT.
-    let b = open(&mut raw, &format!("sha256:{big_hex}")).expect("GetBlob by digest");
+    let b = raw
+        .open(1, &format!("sha256:{big_hex}"))
+        .expect("GetBlob by digest");
     assert_eq!(b.size(), big.len() as u64);
-    let bare = open(&mut raw, &big_hex).expect("GetBlob by bare hex");
+    let bare = raw.open(1, &big_hex).expect("GetBlob by bare hex");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         bare.file.metadata().unwrap().ino(),
@@ -523,10 +280,10 @@ fn real_registry_serves_ranges_by_digest_one_request_per_job() {
         format!("sha512:{big_hex}"),
         "blob".to_string(),
     ] {
-        assert_eq!(open(&mut raw, &bad).err(), Some(EINVAL), "{bad}");
+        assert_eq!(raw.open(1, &bad).err(), Some(EINVAL), "{bad}");
     }
     let absent = digest_hex(b"not pushed");
-    assert_eq!(open(&mut raw, &absent).err(), Some(ENOENT));
+    assert_eq!(raw.open(1, &absent).err(), Some(ENOENT));
 
     // Random unaligned ranges of the cold 64 MiB blob, through the client
     // library (fetch + pread through the received fd).
@@ -535,7 +292,7 @@ fn real_registry_serves_ranges_by_digest_one_request_per_job() {
         .get_blob(&format!("sha256:{big_hex}"))
         .expect("client GetBlob");
     assert_eq!(cb.size(), big.len() as u64);
-    let mut rng = Rng(0x5eed_1234_abcd);
+    let mut rng = Rng::new(0x5eed_1234_abcd);
     for _ in 0..40 {
         let start = rng.below(big.len() as u64);
         let len = 1 + rng.below(3 * MIB);
@@ -555,7 +312,7 @@ fn real_registry_serves_ranges_by_digest_one_request_per_job() {
     // A cold whole-blob pull costs one GET per 4 MiB fill job, not one per
     // 1 MiB granule.
     assert_eq!(reg.blob_gets(repo, &mid_hex), 0);
-    let m = open(&mut raw, &format!("sha256:{mid_hex}")).expect("GetBlob");
+    let m = raw.open(1, &format!("sha256:{mid_hex}")).expect("GetBlob");
     pull_all(&mut raw, &m, &mid);
     let gets = reg.blob_gets(repo, &mid_hex) as u64;
     let jobs = mid.len() as u64 / JOB;
@@ -568,7 +325,7 @@ fn real_registry_serves_ranges_by_digest_one_request_per_job() {
         GRANULE / MIB
     );
     // Cached ranges cost no requests at all.
-    assert_eq!(fetch(&mut raw, m.token, 5, 20 * MIB), (20 * MIB, FETCH_OK));
+    assert_eq!(raw.fetch(m.token, 5, 20 * MIB), (20 * MIB, FETCH_OK));
     assert_eq!(reg.blob_gets(repo, &mid_hex) as u64, gets);
 }
 
@@ -581,37 +338,41 @@ fn registry_outage_fails_fetches_keeps_the_cache_and_recovers() {
     let id = format!("sha256:{hex}");
     let mut d = daemon_with(&reg.url(repo), &["--backend-retries", "2"]);
     let mut raw = d.raw();
-    let b = open(&mut raw, &id).expect("GetBlob");
+    let b = raw.open(1, &id).expect("GetBlob");
     let half = 8 * MIB;
-    assert_eq!(fetch(&mut raw, b.token, 0, half), (half, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, 0, half), (half, FETCH_OK));
 
     reg.stop();
     // Missing ranges fail; cached ones are still served, to this connection
     // and to new ones.
-    assert_eq!(fetch(&mut raw, b.token, half, MIB).1, FETCH_FAILED);
-    assert_eq!(fetch(&mut raw, b.token, 3, half - 3), (half - 3, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, half, MIB).1, FETCH_FAILED);
+    assert_eq!(raw.fetch(b.token, 3, half - 3), (half - 3, FETCH_OK));
     assert!(b.read(0, half) == data[..half as usize]);
     let mut raw2 = d.raw();
-    let b2 = open(&mut raw2, &id).expect("GetBlob of an open blob while the registry is down");
-    assert_eq!(fetch(&mut raw2, b2.token, 100, MIB), (MIB, FETCH_OK));
+    let b2 = raw2
+        .open(1, &id)
+        .expect("GetBlob of an open blob while the registry is down");
+    assert_eq!(raw2.fetch(b2.token, 100, MIB), (MIB, FETCH_OK));
     // A blob the cache does not know is a backend failure, not "no such blob".
-    assert_eq!(open(&mut raw2, &digest_hex(b"x")).err(), Some(EIO));
+    assert_eq!(raw2.open(1, &digest_hex(b"x")).err(), Some(EIO));
 
     // Even a restarted daemon serves what it cached while the registry is away.
     drop((raw, raw2));
     d.kill9();
     d.spawn();
     let mut raw = d.raw();
-    let b = open(&mut raw, &id).expect("GetBlob from the cache after a daemon restart");
+    let b = raw
+        .open(1, &id)
+        .expect("GetBlob from the cache after a daemon restart");
     assert_eq!(b.size(), data.len() as u64);
-    assert_eq!(fetch(&mut raw, b.token, MIB + 7, MIB), (MIB, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, MIB + 7, MIB), (MIB, FETCH_OK));
     assert!(b.read(MIB + 7, MIB) == data[(MIB + 7) as usize..(2 * MIB + 7) as usize]);
-    assert_eq!(fetch(&mut raw, b.token, half, 1).1, FETCH_FAILED);
+    assert_eq!(raw.fetch(b.token, half, 1).1, FETCH_FAILED);
 
     // The registry comes back (same port and storage): the rest arrives and
     // the whole blob checks out.
     reg.spawn();
-    assert_eq!(fetch(&mut raw, b.token, half, MIB), (MIB, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, half, MIB), (MIB, FETCH_OK));
     pull_all(&mut raw, &b, &data);
 }
 
@@ -625,35 +386,35 @@ fn bytes_that_do_not_match_the_digest_are_rejected_and_not_kept() {
     promised[12_345] ^= 1;
     let hex = digest_hex(&promised);
     let served = data.clone();
-    let fake = Fake::start("127.0.0.1", move |req| match blob_hex(req, "r") {
+    let fake = FakeHttp::start("127.0.0.1", move |req| match blob_hex(req, "r") {
         Some(_) => serve_data(req, &served, true),
         None => Resp::new(404),
     });
     let mut d = daemon_with(&format!("{}/r", fake.base()), &[]);
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob");
+    let b = raw.open(1, &hex).expect("GetBlob");
     let gets = || fake.count("GET", "/v2/r/blobs/");
     // A partial blob cannot be checked yet.
-    assert_eq!(fetch(&mut raw, b.token, 0, 10), (10, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, 0, 10), (10, FETCH_OK));
     assert_eq!(gets(), 1);
     // Completing it runs the check, which fails.
-    assert_eq!(fetch(&mut raw, b.token, 0, b.size()).1, FETCH_FAILED);
+    assert_eq!(raw.fetch(b.token, 0, b.size()).1, FETCH_FAILED);
     assert_eq!(gets(), 2);
     // Nothing was kept: the first granule is downloaded again.
-    assert_eq!(fetch(&mut raw, b.token, 0, 10), (10, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, 0, 10), (10, FETCH_OK));
     assert_eq!(gets(), 3);
-    assert_eq!(fetch(&mut raw, b.token, 0, b.size()).1, FETCH_FAILED);
+    assert_eq!(raw.fetch(b.token, 0, b.size()).1, FETCH_FAILED);
     assert_eq!(gets(), 4);
     // Nor after a restart: the persisted map does not claim the bytes.
     drop(raw);
     d.kill9();
     d.spawn();
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob after restart");
-    assert_eq!(fetch(&mut raw, b.token, 5, 10), (10, FETCH_OK));
+    let b = raw.open(1, &hex).expect("GetBlob after restart");
+    assert_eq!(raw.fetch(b.token, 5, 10), (10, FETCH_OK));
     assert_eq!(gets(), 5);
     assert!(
-        d.log_text().contains("integrity"),
+        d.wait_log("integrity", Duration::from_secs(10)),
         "the rejection is logged: {}",
         d.log_text()
     );
@@ -665,7 +426,7 @@ fn bearer_token_flow_and_redirect_off_the_registry_without_credentials() {
     let hex = digest_hex(&data);
     // Object storage on another loopback address: records what it gets.
     let stored = data.clone();
-    let storage = Fake::start("127.0.0.2", move |req| {
+    let storage = FakeHttp::start("127.0.0.2", move |req| {
         if req.path_only() == "/bucket/blob" {
             serve_data(req, &stored, true)
         } else {
@@ -677,7 +438,7 @@ fn bearer_token_flow_and_redirect_off_the_registry_without_credentials() {
     let realm: Arc<Mutex<String>> = Arc::default();
     let realm2 = realm.clone();
     let size = data.len();
-    let reg = Fake::start("127.0.0.1", move |req| {
+    let reg = FakeHttp::start("127.0.0.1", move |req| {
         if req.path_only() == "/token" {
             // The token endpoint wants the basic credentials.
             return if req.header("Authorization") == Some("Basic dXNlcjpzM2NyZXQ=") {
@@ -715,9 +476,9 @@ fn bearer_token_flow_and_redirect_off_the_registry_without_credentials() {
         ],
     );
     let mut raw = d.raw();
-    let b = open(&mut raw, &format!("sha256:{hex}")).expect("GetBlob");
+    let b = raw.open(1, &format!("sha256:{hex}")).expect("GetBlob");
     assert_eq!(b.size(), data.len() as u64);
-    assert_eq!(fetch(&mut raw, b.token, 1_000_001, 77), (77, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, 1_000_001, 77), (77, FETCH_OK));
     assert!(b.read(1_000_001, 77) == data[1_000_001..1_000_078]);
     pull_all(&mut raw, &b, &data);
 
@@ -767,7 +528,7 @@ fn anonymous_tokens_are_cached_until_they_expire() {
     let issued2 = issued.clone();
     let realm: Arc<Mutex<String>> = Arc::default();
     let realm2 = realm.clone();
-    let fake = Fake::start("127.0.0.1", move |req| {
+    let fake = FakeHttp::start("127.0.0.1", move |req| {
         if req.path_only() == "/token" {
             assert_eq!(
                 req.header("Authorization"),
@@ -793,8 +554,8 @@ fn anonymous_tokens_are_cached_until_they_expire() {
     *realm.lock().unwrap() = format!("{}/token", fake.base());
     let d = daemon_with(&format!("{}/r", fake.base()), &[]);
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob");
-    assert_eq!(fetch(&mut raw, b.token, 0, 10), (10, FETCH_OK));
+    let b = raw.open(1, &hex).expect("GetBlob");
+    assert_eq!(raw.fetch(b.token, 0, 10), (10, FETCH_OK));
     assert_eq!(
         issued.load(Ordering::SeqCst),
         1,
@@ -812,8 +573,12 @@ fn anonymous_tokens_are_cached_until_they_expire() {
         q.get("scope").map(String::as_str),
         Some("repository:r:pull")
     );
+    // Not synchronisation: the passage of time is what is under test. The
+    // backend stops using a token halfway through its lifetime (2 s of 4)
+    // counted from when it got it, which was before the fetch above
+    // returned; there is nothing to wait on but the clock.
     std::thread::sleep(Duration::from_millis(2200));
-    assert_eq!(fetch(&mut raw, b.token, MIB, 10), (10, FETCH_OK));
+    assert_eq!(raw.fetch(b.token, MIB, 10), (10, FETCH_OK));
     assert_eq!(
         issued.load(Ordering::SeqCst),
         2,
@@ -827,26 +592,11 @@ fn daemon_with_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
     let mut args = vec!["--backend", url];
     args.extend_from_slice(extra);
     let mut d = Daemon::prepare(&args);
-    let log = std::fs::File::create(&d.log).expect("log");
-    let child = Command::new(common::bin())
-        .arg("serve")
-        .arg("--sock")
-        .arg(&d.sock)
-        .arg("--workdir")
-        .arg(&d.workdir)
-        .args(&d.extra)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn blobmgr");
-    d.child = Some(child);
-    let ready = common::wait_until(Duration::from_secs(20), || {
-        std::os::unix::net::UnixStream::connect(&d.sock).is_ok()
-    });
-    assert!(ready, "daemon not ready: {}", d.log_text());
+    d.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    d.spawn();
     d
 }
 
@@ -856,7 +606,7 @@ fn basic_auth_with_the_password_from_the_environment() {
     let hex = digest_hex(&data);
     let served = data.clone();
     // "admin:hunter2"
-    let fake = Fake::start("127.0.0.1", move |req| {
+    let fake = FakeHttp::start("127.0.0.1", move |req| {
         if req.header("Authorization") != Some("Basic YWRtaW46aHVudGVyMg==") {
             return Resp::new(401).header("WWW-Authenticate", "Basic realm=\"fake\"");
         }
@@ -874,7 +624,7 @@ fn basic_auth_with_the_password_from_the_environment() {
             &[("BLOBMGR_REGISTRY_PASSWORD", "hunter2")],
         );
         let mut raw = d.raw();
-        let b = open(&mut raw, &id).expect("GetBlob with basic auth");
+        let b = raw.open(1, &id).expect("GetBlob with basic auth");
         pull_all(&mut raw, &b, &data);
     }
     // Wrong or missing credentials: GetBlob fails with EIO (not ENOENT).
@@ -884,9 +634,9 @@ fn basic_auth_with_the_password_from_the_environment() {
             &["--registry-user", "admin"],
             &[("BLOBMGR_REGISTRY_PASSWORD", "wrong")],
         );
-        assert_eq!(open(&mut d.raw(), &id).err(), Some(EIO));
+        assert_eq!(d.raw().open(1, &id).err(), Some(EIO));
         let d = daemon_with(&url, &[]);
-        assert_eq!(open(&mut d.raw(), &id).err(), Some(EIO));
+        assert_eq!(d.raw().open(1, &id).err(), Some(EIO));
     }
     // The password never comes from the command line.
     let out = Command::new(common::bin())
@@ -908,22 +658,19 @@ fn a_server_that_ignores_range_still_yields_the_right_bytes() {
     let data = pattern((9 * MIB) as usize + 12_345, 9);
     let hex = digest_hex(&data);
     let served = data.clone();
-    let fake = Fake::start("127.0.0.1", move |req| match blob_hex(req, "r") {
+    let fake = FakeHttp::start("127.0.0.1", move |req| match blob_hex(req, "r") {
         Some(_) => serve_data(req, &served, false),
         None => Resp::new(404),
     });
     let d = daemon_with(&format!("{}/r", fake.base()), &[]);
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob");
-    let mut rng = Rng(77);
+    let b = raw.open(1, &hex).expect("GetBlob");
+    let mut rng = Rng::new(77);
     for _ in 0..6 {
         let start = rng.below(data.len() as u64);
         let len = 1 + rng.below(2 * MIB);
         let end = (start + len).min(data.len() as u64);
-        assert_eq!(
-            fetch(&mut raw, b.token, start, len),
-            (end - start, FETCH_OK)
-        );
+        assert_eq!(raw.fetch(b.token, start, len), (end - start, FETCH_OK));
         assert!(b.read(start, end - start) == data[start as usize..end as usize]);
     }
     pull_all(&mut raw, &b, &data);
@@ -937,7 +684,7 @@ fn a_short_body_or_server_errors_fail_the_fetch() {
     let served = data.clone();
     // Says the blob is 2 MiB but has only 1.5 MiB: the second granule's
     // range comes back short. A second repository always answers 503.
-    let fake = Fake::start("127.0.0.1", move |req| {
+    let fake = FakeHttp::start("127.0.0.1", move |req| {
         if blob_hex(req, "short").is_some() {
             if req.method == "HEAD" {
                 return Resp::new(200).body(vec![0; served.len()]);
@@ -973,11 +720,15 @@ fn a_short_body_or_server_errors_fail_the_fetch() {
         &["--backend-retries", "2"],
     );
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob");
-    assert_eq!(fetch(&mut raw, b.token, 0, MIB), (MIB, FETCH_OK));
+    let b = raw.open(1, &hex).expect("GetBlob");
+    assert_eq!(raw.fetch(b.token, 0, MIB), (MIB, FETCH_OK));
     assert!(b.read(0, MIB) == data[..MIB as usize]);
-    assert_eq!(fetch(&mut raw, b.token, MIB, MIB).1, FETCH_FAILED);
-    assert!(d.log_text().contains("short read"), "{}", d.log_text());
+    assert_eq!(raw.fetch(b.token, MIB, MIB).1, FETCH_FAILED);
+    assert!(
+        d.wait_log("short read", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
     drop(d);
 
     let d = daemon_with(
@@ -985,8 +736,8 @@ fn a_short_body_or_server_errors_fail_the_fetch() {
         &["--backend-retries", "2"],
     );
     let mut raw = d.raw();
-    let b = open(&mut raw, &hex).expect("GetBlob");
-    assert_eq!(fetch(&mut raw, b.token, 0, 10).1, FETCH_FAILED);
+    let b = raw.open(1, &hex).expect("GetBlob");
+    assert_eq!(raw.fetch(b.token, 0, 10).1, FETCH_FAILED);
     // The first attempt and two retries.
     assert_eq!(fake.count("GET", "/v2/down/blobs/"), 3);
 }

@@ -51,7 +51,9 @@ struct Shared {
     sock: std::path::PathBuf,
     data: HashMap<&'static str, Arc<Vec<u8>>>,
     stop: AtomicBool,
-    pause: AtomicBool,
+    /// Open while clients may run; closed to pause them (and opened again
+    /// to stop them).
+    run: Gate,
     paused: AtomicUsize,
     c: Counters,
     /// Protocol-level failures: wrong bytes, wrong results. Must stay empty.
@@ -98,16 +100,6 @@ fn check_read(sh: &Shared, id: &str, fd: &File, start: u64, n: u64) {
     }
     bump(&sh.c.reads_checked);
     sh.c.bytes_checked.fetch_add(n, Ordering::Relaxed);
-}
-
-/// Sends `req` with NEED_REPLY; an error instead of a panic if the daemon
-/// is gone.
-fn try_send(raw: &mut Raw, req: &Request) -> std::io::Result<u64> {
-    let tag = raw.tag();
-    let mut v = Vec::new();
-    blobmgr::protocol::encode_request(&mut v, tag, true, req);
-    raw.send_bytes(&v)?;
-    Ok(tag)
 }
 
 fn random_range(rng: &mut Rng, size: u64) -> (u64, u64) {
@@ -181,15 +173,17 @@ fn step(sh: &Shared, rng: &mut Rng, c: &mut Conn) -> Result<(), ()> {
             let mut want = HashMap::new();
             for _ in 0..2 + rng.below(7) {
                 let (start, len) = random_range(rng, size);
-                let tag = try_send(
-                    &mut c.raw,
-                    &Request::FetchRange {
-                        token,
-                        start,
-                        count: len,
-                    },
-                )
-                .map_err(io)?;
+                let tag = c
+                    .raw
+                    .try_send(
+                        &Request::FetchRange {
+                            token,
+                            start,
+                            count: len,
+                        },
+                        true,
+                    )
+                    .map_err(io)?;
                 want.insert(tag, (start, len));
             }
             let mut seen = HashSet::new();
@@ -214,13 +208,13 @@ fn step(sh: &Shared, rng: &mut Rng, c: &mut Conn) -> Result<(), ()> {
             // Abrupt disconnect with a cold fetch in flight.
             if let Some((token, _)) = c.open.get(id) {
                 let token = *token;
-                let _ = try_send(
-                    &mut c.raw,
+                let _ = c.raw.try_send(
                     &Request::FetchRange {
                         token,
                         start: 0,
                         count: size,
                     },
+                    true,
                 );
             }
             bump(&sh.c.abrupt_disconnects);
@@ -267,21 +261,28 @@ fn step(sh: &Shared, rng: &mut Rng, c: &mut Conn) -> Result<(), ()> {
 }
 
 fn client(sh: Arc<Shared>, seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     while !sh.stop.load(Ordering::Acquire) {
-        if sh.pause.load(Ordering::Acquire) {
+        if !sh.run.is_open() {
             sh.paused.fetch_add(1, Ordering::AcqRel);
-            while sh.pause.load(Ordering::Acquire) && !sh.stop.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            assert!(
+                sh.run.wait_open(Duration::from_secs(600)),
+                "paused for 10 min"
+            );
             sh.paused.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
         let raw = match Raw::try_connect(&sh.sock) {
             Ok(r) => r,
             Err(_) => {
+                // The daemon is down (kill -9): try again once its socket
+                // accepts, or when told to pause or stop.
                 bump(&sh.c.connect_failures);
-                std::thread::sleep(Duration::from_millis(20));
+                wait_until(Duration::from_secs(20), || {
+                    sh.stop.load(Ordering::Acquire)
+                        || !sh.run.is_open()
+                        || std::os::unix::net::UnixStream::connect(&sh.sock).is_ok()
+                });
                 continue;
             }
         };
@@ -292,7 +293,7 @@ fn client(sh: Arc<Shared>, seed: u64) {
         };
         let steps = 1 + rng.below(300);
         for _ in 0..steps {
-            if sh.stop.load(Ordering::Acquire) || sh.pause.load(Ordering::Acquire) {
+            if sh.stop.load(Ordering::Acquire) || !sh.run.is_open() {
                 break;
             }
             if step(&sh, &mut rng, &mut c).is_err() {
@@ -324,7 +325,7 @@ fn warm_and_measure(d: &Daemon) -> (usize, u64) {
 }
 
 fn pause_all(sh: &Shared) {
-    sh.pause.store(true, Ordering::Release);
+    sh.run.set(false);
     assert!(
         wait_until(Duration::from_secs(60), || sh
             .paused
@@ -335,7 +336,7 @@ fn pause_all(sh: &Shared) {
 }
 
 fn resume_all(sh: &Shared) {
-    sh.pause.store(false, Ordering::Release);
+    sh.run.set(true);
 }
 
 fn counters(c: &Counters) -> String {
@@ -377,7 +378,7 @@ fn soak_mixed_clients_with_kill9_and_restart() {
         sock: d.sock.clone(),
         data,
         stop: AtomicBool::new(false),
-        pause: AtomicBool::new(false),
+        run: Gate::new(true),
         paused: AtomicUsize::new(0),
         c: Counters::default(),
         failures: Mutex::new(Vec::new()),
@@ -389,7 +390,9 @@ fn soak_mixed_clients_with_kill9_and_restart() {
         })
         .collect();
 
-    // Phase 1: 10 s of load, kill -9, restart under load, 10 s more.
+    // Phase 1: 10 s of load, kill -9, restart under load, 10 s more. The
+    // sleeps here are the soak's pacing (how long each phase of load lasts,
+    // how long the daemon stays down), not synchronisation.
     std::thread::sleep(Duration::from_secs(10));
     let before_kill = sh.c.ops.load(Ordering::Relaxed);
     d.kill9();
@@ -407,6 +410,7 @@ fn soak_mixed_clients_with_kill9_and_restart() {
     let mut after = Vec::new();
     for phase in 2..=3 {
         resume_all(&sh);
+        // Pacing: 30 s of load.
         std::thread::sleep(Duration::from_secs(30));
         pause_all(&sh);
         let (f, r) = warm_and_measure(&d);
@@ -414,6 +418,7 @@ fn soak_mixed_clients_with_kill9_and_restart() {
         after.push((f, r));
     }
     sh.stop.store(true, Ordering::Release);
+    sh.run.set(true);
     for t in threads {
         t.join().expect("client thread");
     }

@@ -1,0 +1,208 @@
+//! The real binary as a guarded child process.
+
+use super::raw::Raw;
+use super::wait::{wait_exit, wait_until};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// How long a daemon may take to start answering, or to exit on a signal.
+pub const DAEMON_WAIT: Duration = Duration::from_secs(20);
+
+/// The daemon binary cargo built for these tests.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_blobmgr")
+}
+
+/// A `blobmgr serve` on a temp dir holding `be/` (the backend directory),
+/// `work/`, the socket and `daemon.log` (its stderr, `RUST_LOG=info` unless
+/// the test's environment sets `RUST_LOG`). Killed (SIGKILL) and reaped on
+/// drop, even when the test panics.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    pub workdir: PathBuf,
+    pub backend: PathBuf,
+    /// Arguments after `serve --sock … --workdir … --backend …` (a later
+    /// `--backend` replaces the directory, e.g. with a registry URL).
+    pub extra: Vec<String>,
+    /// Environment variables set for the process.
+    pub env: Vec<(String, String)>,
+    /// Keeps the temp dir alive for the daemon's whole life (and restarts).
+    pub dir: Option<tempfile::TempDir>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon on a new temp dir and waits until it answers.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let mut d = Daemon::prepare(extra);
+        d.spawn();
+        d
+    }
+
+    /// Like [`Daemon::start`] but without starting the process: the caller
+    /// may change the paths (e.g. put `workdir` on a mount) or `env`, and
+    /// then call [`Daemon::spawn`] or [`Daemon::spawn_with_umask`].
+    pub fn prepare(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = dir.path().join("be");
+        std::fs::create_dir(&backend).expect("mkdir be");
+        Daemon {
+            child: None,
+            sock: dir.path().join("blobmgr.sock"),
+            workdir: dir.path().join("work"),
+            backend,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            log: dir.path().join("daemon.log"),
+            dir: Some(dir),
+        }
+    }
+
+    /// Writes a blob into the backend directory.
+    pub fn add_blob(&self, id: &str, data: &[u8]) -> PathBuf {
+        let p = self.backend.join(id);
+        std::fs::write(&p, data).expect("write blob");
+        p
+    }
+
+    /// Starts the process (again) on the same dirs and waits until it answers.
+    pub fn spawn(&mut self) {
+        self.spawn_inner(None);
+    }
+
+    /// Starts the process through `sh -c 'umask UMASK; exec blobmgr serve …'`
+    /// (the umask is process-wide, so it is not set in the test process), and
+    /// waits until it answers.
+    pub fn spawn_with_umask(&mut self, umask: u32) {
+        self.spawn_inner(Some(umask));
+    }
+
+    fn spawn_inner(&mut self, umask: Option<u32>) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = match umask {
+            None => Command::new(bin()),
+            Some(umask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+        };
+        let child = cmd
+            .arg("serve")
+            .arg("--sock")
+            .arg(&self.sock)
+            .arg("--workdir")
+            .arg(&self.workdir)
+            .arg("--backend")
+            .arg(&self.backend)
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn blobmgr");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the socket accepts a connection (the probe connection is
+    /// closed at once), or fails if the process exits first.
+    fn wait_ready(&mut self) {
+        let sock = self.sock.clone();
+        let child = self.child.as_mut().expect("daemon spawned");
+        let mut exited = None;
+        let done = wait_until(DAEMON_WAIT, || {
+            if UnixStream::connect(&sock).is_ok() {
+                return true;
+            }
+            exited = child.try_wait().ok().flatten();
+            exited.is_some()
+        });
+        if let Some(st) = exited {
+            self.child = None;
+            panic!("daemon exited early ({st}): {}", self.log_text());
+        }
+        assert!(
+            done,
+            "daemon not ready after {DAEMON_WAIT:?}: {}",
+            self.log_text()
+        );
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends `sig`, then waits (blocked in `wait(2)`, at most
+    /// [`DAEMON_WAIT`]) for the exit status.
+    pub fn stop_with(&mut self, sig: nix::sys::signal::Signal) -> ExitStatus {
+        let c = self.child.take().expect("daemon running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).expect("kill");
+        match wait_exit(c, DAEMON_WAIT) {
+            Some(st) => st,
+            None => panic!(
+                "daemon did not exit within {DAEMON_WAIT:?} after {sig} (killed): {}",
+                self.log_text()
+            ),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `wait` for the daemon's log to contain `needle`.
+    pub fn wait_log(&self, needle: &str, wait: Duration) -> bool {
+        wait_until(wait, || self.log_text().contains(needle))
+    }
+
+    /// A raw protocol connection to this daemon.
+    pub fn raw(&self) -> Raw {
+        Raw::connect(&self.sock)
+    }
+
+    /// Number of fds the daemon process has open.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident set size of the daemon in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

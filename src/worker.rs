@@ -119,7 +119,6 @@ impl<T: Send + 'static> WorkerPool<T> {
         self.shared.wake.as_fd()
     }
 
-
     /// Takes every completion that is ready. The eventfd is reset first, so
     /// a completion posted meanwhile wakes the reactor again: none is missed.
     pub fn take_completions(&self, into: &mut Vec<Completion<T>>) {
@@ -138,37 +137,33 @@ impl<T: Send + 'static> WorkerPool<T> {
         let mut expired = Vec::new();
         let mut dropped = Vec::new();
         let mut next: Option<Instant> = None;
-        let mut replace = 0;
-        {
+        let replace = {
             let mut st = lock(&self.shared.state);
+            let replace = Self::mark_stuck(&mut st, limit, now, self.max_stuck, &mut expired);
+            for &(_, started) in st.running.values() {
+                let deadline = started + limit;
+                if deadline > now {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+            if replace > 0 {
+                // Fresh threads are about to take the queue: every queued
+                // task gets a full timeout from now instead of being dropped
+                // for the time it spent behind the stuck ones.
+                for (_, _, queued) in st.jobs.iter_mut() {
+                    *queued = now;
+                }
+            }
             while let Some((id, _, queued)) = st.jobs.front() {
                 if *queued + limit > now {
-                    next = Some(*queued + limit);
+                    next = Some(next.map_or(*queued + limit, |n| n.min(*queued + limit)));
                     break;
                 }
                 dropped.push(*id);
                 st.jobs.pop_front();
             }
-            let mut newly_stuck = Vec::new();
-            for (&id, &(worker, started)) in st.running.iter() {
-                if st.stuck.contains(&worker) {
-                    continue;
-                }
-                let deadline = started + limit;
-                if deadline <= now {
-                    expired.push(id);
-                    newly_stuck.push(worker);
-                } else {
-                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
-                }
-            }
-            for w in newly_stuck {
-                if st.stuck.len() < self.max_stuck {
-                    replace += 1;
-                }
-                st.stuck.insert(w);
-            }
-        }
+            replace
+        };
         for _ in 0..replace {
             let index = self.threads.iter().map(|(i, _)| *i).max().unwrap_or(0) + 1;
             if let Err(e) = self.spawn(index) {
@@ -182,6 +177,33 @@ impl<T: Send + 'static> WorkerPool<T> {
             dropped,
             next,
         }
+    }
+
+    /// Marks the threads whose task ran past `limit` as stuck, adding the
+    /// tasks to `expired`; returns how many replacements to start (bounded
+    /// by `max_stuck` stuck threads alive at once).
+    fn mark_stuck(
+        st: &mut Queue<T>,
+        limit: Duration,
+        now: Instant,
+        max_stuck: usize,
+        expired: &mut Vec<u64>,
+    ) -> usize {
+        let mut newly_stuck = Vec::new();
+        for (&id, &(worker, started)) in st.running.iter() {
+            if !st.stuck.contains(&worker) && started + limit <= now {
+                expired.push(id);
+                newly_stuck.push(worker);
+            }
+        }
+        let mut replace = 0;
+        for w in newly_stuck {
+            if st.stuck.len() < max_stuck {
+                replace += 1;
+            }
+            st.stuck.insert(w);
+        }
+        replace
     }
 
     /// Removes the queued (not yet started) jobs among `ids`, returning
@@ -364,15 +386,46 @@ mod tests {
     }
 
     #[test]
-    fn jobs_queued_past_the_limit_are_dropped() {
+    fn a_task_queued_behind_a_stuck_thread_goes_to_its_replacement() {
         let mut pool = WorkerPool::<u64>::new(1).unwrap();
         let release = blocking_job(&pool, 1);
         pool.submit(2, || 2);
-        pool.submit(3, || 3);
-        assert_eq!(pool.cancel(&[3, 9]), vec![3]);
+        // The check runs late: task 2 has waited past the limit too, but a
+        // replacement thread is started for it, so it is not dropped.
         let later = Instant::now() + Duration::from_secs(1);
         let e = pool.expire(Duration::from_millis(10), later);
-        assert_eq!((e.stuck, e.dropped), (vec![1], vec![2]));
+        assert_eq!((e.stuck, e.dropped), (vec![1], vec![]));
+        let mut got = Vec::new();
+        while !got.iter().any(|c: &Completion<u64>| c.id == 2) {
+            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+            pool.take_completions(&mut got);
+        }
         drop(release);
+    }
+
+    #[test]
+    fn jobs_queued_past_the_limit_are_dropped_once_no_thread_can_be_added() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let limit = Duration::from_millis(10);
+        let mut now = Instant::now();
+        // Four threads get stuck in turn, each replaced (the bound is four
+        // stuck threads per pool thread).
+        let mut held = Vec::new();
+        for id in 1..=4 {
+            held.push(blocking_job(&pool, id));
+            now += Duration::from_secs(1);
+            assert_eq!(pool.expire(limit, now).stuck, vec![id]);
+        }
+        // The fifth gets stuck too and no replacement may start: what waits
+        // in the queue past the limit now fails.
+        held.push(blocking_job(&pool, 5));
+        pool.submit(6, || 6);
+        pool.submit(7, || 7);
+        assert_eq!(pool.cancel(&[7, 9]), vec![7]);
+        now += Duration::from_secs(1);
+        let e = pool.expire(limit, now);
+        assert_eq!((e.stuck, e.dropped), (vec![5], vec![6]));
+        drop(held);
     }
 }

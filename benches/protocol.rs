@@ -2,7 +2,8 @@
 //! pipelined stream in small chunks the way a connection sees it.
 
 use blobmgr::protocol::{self, Code, Header, Reply, Request, HEADER_SIZE};
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
 
 fn requests() -> Vec<(&'static str, Request)> {
     vec![

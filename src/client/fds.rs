@@ -131,8 +131,8 @@ mod tests {
     use std::io::IoSlice;
 
     fn is_cloexec(fd: &OwnedFd) -> bool {
-        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD)
-            .expect("F_GETFD of a received fd");
+        let flags =
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD of a received fd");
         flags & nix::libc::FD_CLOEXEC != 0
     }
 
@@ -181,8 +181,7 @@ mod tests {
         let got = recv_with_fds(&b, &mut data, &mut cbuf).unwrap();
         assert!(!got.truncated);
         assert_eq!(got.fds.len(), 1);
-        let flags =
-            nix::fcntl::fcntl(got.fds[0].as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        let flags = nix::fcntl::fcntl(&got.fds[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(flags & nix::libc::FD_CLOEXEC, 0);
     }
 }

@@ -104,7 +104,7 @@ impl Registry {
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(format!("{spec}: only http:// and https:// are supported"));
         }
-        if url.host_str().map_or(true, str::is_empty) {
+        if url.host_str().is_none_or(str::is_empty) {
             return Err(format!("{spec}: no host"));
         }
         if !url.username().is_empty() || url.password().is_some() {

@@ -176,16 +176,73 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short description for logs.
     fn describe(&self) -> String;
+
+    /// What each endpoint this backend talks to has served so far, for the
+    /// metrics endpoint (read on its thread, at scrape time).
+    fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        Vec::new()
+    }
+}
+
+/// Calls and bytes of one backend endpoint, for `blobmgr_backend_*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// The endpoint's name in the metrics (`localfs:DIR`, a registry's
+    /// scheme and authority).
+    pub endpoint: String,
+    pub ok: u64,
+    pub errors: u64,
+    /// Blob bytes received.
+    pub bytes: u64,
+}
+
+/// Counters a backend keeps for one endpoint; written by workers.
+#[derive(Debug, Default)]
+pub struct EndpointCounters {
+    ok: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl EndpointCounters {
+    /// Counts one call that ended with `r`, and `bytes` on success.
+    pub fn record<T>(&self, r: &Result<T, BackendError>, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match r {
+            Ok(_) => {
+                self.ok.fetch_add(1, Relaxed);
+                self.bytes.fetch_add(bytes, Relaxed);
+            }
+            Err(_) => {
+                self.errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A snapshot named `endpoint`.
+    pub fn snapshot(&self, endpoint: String) -> EndpointStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        EndpointStats {
+            endpoint,
+            ok: self.ok.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+        }
+    }
 }
 
 /// A directory whose regular files are the blobs; the file name is the id.
 pub struct LocalFs {
     root: PathBuf,
+    counters: EndpointCounters,
 }
 
 impl LocalFs {
     pub fn new(root: impl Into<PathBuf>) -> LocalFs {
-        LocalFs { root: root.into() }
+        LocalFs {
+            root: root.into(),
+            counters: EndpointCounters::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -213,19 +270,29 @@ impl LocalFs {
 
 impl Backend for LocalFs {
     fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
-        let f = self.open(id)?;
-        f.metadata()
-            .map(|m| m.len())
-            .map_err(|e| BackendError::Io(format!("stat {id}"), e))
+        let r = self.open(id).and_then(|f| {
+            f.metadata()
+                .map(|m| m.len())
+                .map_err(|e| BackendError::Io(format!("stat {id}"), e))
+        });
+        self.counters.record(&r, 0);
+        r
     }
 
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
-        let src = self.open(id)?;
-        copy_range(&src, dst, offset, len)
+        let r = self
+            .open(id)
+            .and_then(|src| copy_range(&src, dst, offset, len));
+        self.counters.record(&r, len);
+        r
     }
 
     fn describe(&self) -> String {
         format!("localfs:{}", self.root.display())
+    }
+
+    fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        vec![self.counters.snapshot(self.describe())]
     }
 }
 

@@ -37,7 +37,7 @@ pub enum JobKind {
 
 /// What a job produced.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum JobOutput {
     Opened(Result<Blob, OpenError>),
     /// A fill; on success, whether it completed the blob.
     Filled(Result<bool, BackendError>),
@@ -58,17 +58,19 @@ impl Runner {
     }
 
     /// The work of `kind`, to run on a worker thread.
-    pub fn work(&self, kind: JobKind) -> impl FnOnce() -> Outcome + Send + 'static {
+    pub fn work(&self, kind: JobKind) -> impl FnOnce() -> JobOutput + Send + 'static {
         let this = self.clone();
         move || match kind {
             JobKind::Open { id } => {
-                Outcome::Opened(Blob::open(&this.cache, this.backend.as_ref(), &id))
+                JobOutput::Opened(Blob::open(&this.cache, this.backend.as_ref(), &id))
             }
             JobKind::Fill { blob, g0, n, .. } => {
-                Outcome::Filled(blob.fill(this.backend.as_ref(), g0, n))
+                JobOutput::Filled(blob.fill(this.backend.as_ref(), g0, n))
             }
-            JobKind::Delete { id } => Outcome::Deleted(cache::remove_blob_files(&this.cache, &id)),
-            JobKind::Checkpoint { blob } => Outcome::Checkpointed(blob.checkpoint()),
+            JobKind::Delete { id } => {
+                JobOutput::Deleted(cache::remove_blob_files(&this.cache, &id))
+            }
+            JobKind::Checkpoint { blob } => JobOutput::Checkpointed(blob.checkpoint()),
         }
     }
 }
@@ -180,6 +182,14 @@ impl<W> JobTable<W> {
     /// Jobs in the table that are not abandoned.
     pub fn live(&self) -> usize {
         self.entries.values().filter(|e| !e.abandoned).count()
+    }
+
+    /// Fill jobs in the table that are not abandoned.
+    pub fn live_fills(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| !e.abandoned && matches!(e.kind, JobKind::Fill { .. }))
+            .count()
     }
 }
 

@@ -19,6 +19,7 @@ pub mod client;
 pub mod connection;
 pub mod jobs;
 pub mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod reactor;
 pub mod registry;

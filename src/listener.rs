@@ -104,6 +104,11 @@ impl Listener {
     pub fn inner(&self) -> &mio::net::UnixListener {
         &self.inner
     }
+
+    /// The listening socket, to register with a `Poll`.
+    pub fn inner_mut(&mut self) -> &mut mio::net::UnixListener {
+        &mut self.inner
+    }
 }
 
 impl Drop for Listener {

@@ -10,6 +10,7 @@
 
 use crate::connection::{ConnError, ConnId, Connection, Peer, ReadStatus};
 use crate::listener::Listener;
+use crate::metrics::Metrics;
 use crate::protocol::Message;
 use crate::service::{Output, Service};
 use mio::unix::SourceFd;
@@ -17,6 +18,7 @@ use mio::{Interest, Token};
 use slab::Slab;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Event id of the listening socket.
@@ -76,15 +78,6 @@ pub struct Limits {
     pub max_output: usize,
 }
 
-/// Counters of the reactor.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ReactorStats {
-    pub accepted: u64,
-    pub refused: u64,
-    pub closed_malformed: u64,
-    pub accept_backoffs: u64,
-}
-
 struct Slot {
     id: ConnId,
     conn: Connection,
@@ -109,7 +102,7 @@ pub struct Reactor {
     scratch: Vec<u8>,
     msgs: Vec<Message>,
     accept_paused_until: Option<Instant>,
-    stats: ReactorStats,
+    metrics: Arc<Metrics>,
 }
 
 impl Reactor {
@@ -118,6 +111,7 @@ impl Reactor {
         registrar: Box<dyn Registrar>,
         listener: Listener,
         limits: Limits,
+        metrics: Arc<Metrics>,
     ) -> io::Result<Reactor> {
         registrar.register(listener.inner().as_fd(), LISTENER_ID, Interest::READABLE)?;
         Ok(Reactor {
@@ -131,7 +125,7 @@ impl Reactor {
             scratch: vec![0u8; SCRATCH_SIZE],
             msgs: Vec::new(),
             accept_paused_until: None,
-            stats: ReactorStats::default(),
+            metrics,
         })
     }
 
@@ -141,10 +135,6 @@ impl Reactor {
 
     pub fn listener_fd(&self) -> BorrowedFd<'_> {
         self.listener.inner().as_fd()
-    }
-
-    pub fn stats(&self) -> ReactorStats {
-        self.stats
     }
 
     /// Open connections.
@@ -191,11 +181,12 @@ impl Reactor {
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: temporary. Keep serving
                     // the connections we have and retry after a pause.
-                    self.stats.accept_backoffs += 1;
-                    if self.stats.accept_backoffs.is_power_of_two() {
+                    let backoffs = &self.metrics.conns.accept_backoffs;
+                    backoffs.bump();
+                    if backoffs.get().is_power_of_two() {
                         log::warn!(
                             "accept failed ({e}); pausing accepts for {ACCEPT_BACKOFF:?} ({} times so far)",
-                            self.stats.accept_backoffs
+                            backoffs.get()
                         );
                     }
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
@@ -214,12 +205,12 @@ impl Reactor {
             }
         };
         if !self.limits.allow_uids.contains(&peer.uid) {
-            self.stats.refused += 1;
+            self.metrics.conns.refused.bump();
             log::warn!("refused connection from {peer}: uid not allowed");
             return;
         }
         if self.conns.len() >= self.limits.max_conns {
-            self.stats.refused += 1;
+            self.metrics.conns.refused.bump();
             log::warn!(
                 "refused connection from {peer}: {} connections open (--max-conns)",
                 self.conns.len()
@@ -248,7 +239,8 @@ impl Reactor {
             listed: false,
         });
         svc.open_session(id);
-        self.stats.accepted += 1;
+        self.metrics.conns.accepted.bump();
+        self.metrics.conns.open.set(self.conns.len() as u64);
         // Bytes that arrived before registration are reported by the first
         // poll after it: epoll checks readiness when an fd is added.
     }
@@ -426,16 +418,17 @@ impl Reactor {
     fn close(&mut self, key: usize, why: Option<ConnError>, svc: &mut Service) {
         let slot = self.conns.remove(key);
         let _ = self.registrar.deregister(slot.conn.stream().as_fd());
-        log_close(&slot, why.as_ref(), &mut self.stats);
+        log_close(&slot, why.as_ref(), &self.metrics);
+        self.metrics.conns.open.set(self.conns.len() as u64);
         svc.close_session(slot.id);
     }
 }
 
-fn log_close(slot: &Slot, why: Option<&ConnError>, stats: &mut ReactorStats) {
+fn log_close(slot: &Slot, why: Option<&ConnError>, metrics: &Metrics) {
     let peer = slot.conn.peer();
     match why {
         Some(e @ ConnError::Protocol(_)) => {
-            stats.closed_malformed += 1;
+            metrics.conns.closed_malformed.bump();
             log::warn!("closing connection from {peer}: {e}");
         }
         Some(e) => log::info!("closing connection from {peer}: {e}"),

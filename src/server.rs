@@ -12,8 +12,10 @@
 
 use crate::backend::Backend;
 use crate::cache::{CacheConfig, Index};
-use crate::jobs::{Outcome, Runner};
+use crate::jobs::{JobOutput, Runner};
 use crate::listener::Listener;
+use crate::metrics::http::{MetricsAddr, MetricsServer};
+use crate::metrics::{Metrics, Op, Outcome};
 use crate::reactor::{Limits, Reactor, ReadHint};
 use crate::service::Service;
 use crate::worker::{Completion, WorkerPool};
@@ -54,6 +56,8 @@ pub struct ServerConfig {
     /// A backend call (open or fill job) running longer than this is
     /// abandoned: its requests fail and a replacement worker is started.
     pub backend_timeout: Duration,
+    /// Where `GET /metrics` is served (on a thread of its own); empty: not.
+    pub metrics: Vec<MetricsAddr>,
 }
 
 /// Default for `--backend-timeout`.
@@ -81,6 +85,7 @@ impl ServerConfig {
             max_output: 1 << 20,
             max_tokens: 4096,
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
+            metrics: Vec::new(),
         }
     }
 
@@ -110,17 +115,39 @@ pub struct Stats {
     pub cache_bytes: u64,
 }
 
+impl Stats {
+    fn from_metrics(m: &Metrics) -> Stats {
+        let hits =
+            m.requests(Op::FetchRange, Outcome::Hit) + m.requests(Op::Prefetch, Outcome::Hit);
+        Stats {
+            accepted: m.conns.accepted.get(),
+            refused: m.conns.refused.get(),
+            closed_malformed: m.conns.closed_malformed.get(),
+            accept_backoffs: m.conns.accept_backoffs.get(),
+            requests: m.work.received.get(),
+            fetch_hits: hits,
+            fills_started: m.work.fills_started.get(),
+            fills_failed: m.work.fills_failed.get(),
+            jobs_timed_out: m.work.jobs_timed_out.get(),
+            cache_bytes: m.cache.bytes.get(),
+        }
+    }
+}
+
 /// The blob manager server. See the module docs for the two ways to run it.
 pub struct Server {
     backend_timeout: Duration,
     poll: Option<Poll>,
     reactor: Reactor,
     service: Service,
-    pool: WorkerPool<Outcome>,
+    pool: WorkerPool<JobOutput>,
     runner: Runner,
-    completions: Vec<Completion<Outcome>>,
+    completions: Vec<Completion<JobOutput>>,
     /// When to look for jobs past the backend timeout next.
     next_expiry: Option<Instant>,
+    metrics: Arc<Metrics>,
+    /// The metrics thread, if `--metrics` asked for one; stops on drop.
+    _endpoint: Option<MetricsServer>,
 }
 
 impl Server {
@@ -144,7 +171,9 @@ impl Server {
         cfg.cache.prepare()?;
         let listener = Listener::bind(&cfg.sock, cfg.sock_mode, cfg.sock_group, 4096)?;
         let pool = WorkerPool::new(cfg.workers)?;
-        let reactor = Reactor::new(registrar, listener, cfg.limits())?;
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = start_endpoint(&cfg, &metrics, &backend)?;
+        let reactor = Reactor::new(registrar, listener, cfg.limits(), metrics.clone())?;
         reactor
             .registrar()
             .register(pool.completion_fd(), COMPLETIONS_ID, Interest::READABLE)?;
@@ -157,7 +186,8 @@ impl Server {
             cfg.max_conns
         );
         let cache = Arc::new(cfg.cache.clone());
-        let service = Service::new(backend.clone(), Index::new(cache.clone()), cfg.max_tokens);
+        let index = Index::new(cache.clone());
+        let service = Service::new(backend.clone(), index, cfg.max_tokens, metrics.clone());
         Ok(Server {
             backend_timeout: cfg.backend_timeout,
             poll: None,
@@ -167,24 +197,18 @@ impl Server {
             runner: Runner::new(backend, cache),
             completions: Vec::new(),
             next_expiry: None,
+            metrics,
+            _endpoint: endpoint,
         })
     }
 
     pub fn stats(&self) -> Stats {
-        let r = self.reactor.stats();
-        let s = self.service.stats();
-        Stats {
-            accepted: r.accepted,
-            refused: r.refused,
-            closed_malformed: r.closed_malformed,
-            accept_backoffs: r.accept_backoffs,
-            requests: s.requests,
-            fetch_hits: s.fetch_hits,
-            fills_started: s.fills_started,
-            fills_failed: s.fills_failed,
-            jobs_timed_out: s.jobs_timed_out,
-            cache_bytes: self.service.index().used_bytes(),
-        }
+        Stats::from_metrics(&self.metrics)
+    }
+
+    /// Every counter and gauge, as the metrics endpoint renders them.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Open connections.
@@ -357,6 +381,20 @@ impl Server {
             }
         }
     }
+}
+
+/// Starts the metrics thread if `cfg` names addresses for it.
+fn start_endpoint(
+    cfg: &ServerConfig,
+    metrics: &Arc<Metrics>,
+    backend: &Arc<dyn Backend>,
+) -> io::Result<Option<MetricsServer>> {
+    if cfg.metrics.is_empty() {
+        return Ok(None);
+    }
+    let (m, b) = (metrics.clone(), backend.clone());
+    let render = Box::new(move || m.render(&b.endpoint_stats()));
+    MetricsServer::start(&cfg.metrics, cfg.sock_mode, cfg.sock_group, render).map(Some)
 }
 
 impl Drop for Server {

@@ -73,6 +73,8 @@ pub struct Index {
     clock: u64,
     /// Ids whose files are to be deleted (see [`Index::take_evictions`]).
     evicted: Vec<String>,
+    /// Blobs evicted since start.
+    evictions: u64,
 }
 
 impl Index {
@@ -101,6 +103,7 @@ impl Index {
             used,
             clock,
             evicted: Vec::new(),
+            evictions: 0,
         }
     }
 
@@ -181,6 +184,11 @@ impl Index {
     /// the deletion is done, the caller must not open these ids again.
     pub fn take_evictions(&mut self) -> Vec<String> {
         std::mem::take(&mut self.evicted)
+    }
+
+    /// Blobs evicted since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Every open blob, for checkpoints at shutdown.
@@ -348,6 +356,7 @@ impl Index {
             self.used -= bytes.min(self.used);
             log::info!("evicting blob {id} ({bytes} bytes) to stay under the cache limit");
             self.evicted.push(id);
+            self.evictions += 1;
         }
     }
 

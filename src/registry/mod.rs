@@ -24,7 +24,7 @@ mod transport;
 
 pub use digest::canonical_digest;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, EndpointStats};
 use auth::Auth;
 use std::fmt;
 use std::fs::File;
@@ -89,6 +89,7 @@ pub struct Registry {
     http: Http,
     auth: Auth,
     warned_no_range: AtomicBool,
+    counters: crate::backend::EndpointCounters,
 }
 
 fn invalid_input(ctx: impl Into<String>, msg: &str) -> BackendError {
@@ -134,6 +135,7 @@ impl Registry {
             repo,
             http: Http::new(&opts),
             warned_no_range: AtomicBool::new(false),
+            counters: Default::default(),
         })
     }
 
@@ -266,9 +268,11 @@ impl Backend for Registry {
         let digest = Self::digest_of(id)?;
         let url = self.blob_url(&digest)?;
         let ctx = format!("HEAD {url}");
-        self.http.with_retries(&ctx, |deadline| {
+        let r = self.http.with_retries(&ctx, |deadline| {
             self.head_size(&url, &digest, &ctx, deadline)
-        })
+        });
+        self.counters.record(&r, 0);
+        r
     }
 
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
@@ -281,9 +285,11 @@ impl Backend for Registry {
             .checked_add(len - 1)
             .ok_or_else(|| invalid_input("range", "overflow"))?;
         let ctx = format!("GET {url} bytes={offset}-{last}");
-        self.http.with_retries(&ctx, |deadline| {
+        let r = self.http.with_retries(&ctx, |deadline| {
             self.get_range(&url, (offset, last), dst, &ctx, deadline)
-        })
+        });
+        self.counters.record(&r, len);
+        r
     }
 
     fn verify(&self, id: &str, data: &File, size: u64) -> Result<(), BackendError> {
@@ -297,6 +303,11 @@ impl Backend for Registry {
 
     fn describe(&self) -> String {
         format!("registry:{}{}", self.base, self.repo)
+    }
+
+    fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        let origin = self.base.as_str().trim_end_matches('/').to_owned();
+        vec![self.counters.snapshot(origin)]
     }
 }
 

@@ -10,7 +10,8 @@
 use crate::backend::Backend;
 use crate::cache::{BlobKey, Index, Plan};
 use crate::connection::ConnId;
-use crate::jobs::{JobId, JobKind, JobTable, Outcome};
+use crate::jobs::{JobId, JobKind, JobOutput, JobTable};
+use crate::metrics::{Counter, Metrics, Op, Outcome};
 use crate::protocol::{self, Errno, FetchResult, Message, Reply, Request};
 use slab::Slab;
 use std::collections::HashMap;
@@ -33,16 +34,6 @@ pub enum Output {
     Progress(ConnId),
 }
 
-/// Counters of the service.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ServiceStats {
-    pub requests: u64,
-    pub fetch_hits: u64,
-    pub fills_started: u64,
-    pub fills_failed: u64,
-    pub jobs_timed_out: u64,
-}
-
 /// The tokens of one connection's current generation and the blobs they
 /// hold. Every change of the index's reference counts goes through here.
 #[derive(Default)]
@@ -57,14 +48,16 @@ impl Tokens {
         self.0.len()
     }
 
-    fn add(&mut self, n: u32, key: BlobKey, index: &mut Index) {
+    fn add(&mut self, n: u32, key: BlobKey, index: &mut Index, open: &Counter) {
         index.acquire(key);
-        if let Some(old) = self.0.insert(n, key) {
-            index.release(old);
+        match self.0.insert(n, key) {
+            Some(old) => index.release(old),
+            None => open.add(1),
         }
     }
 
-    fn clear(&mut self, index: &mut Index) {
+    fn clear(&mut self, index: &mut Index, open: &Counter) {
+        open.set(open.get() - self.0.len() as u64);
         for (_, key) in self.0.drain() {
             index.release(key);
         }
@@ -90,6 +83,8 @@ struct PendingFetch {
     remaining: usize,
     failed: bool,
     reply: bool,
+    /// When the request arrived, for `blobmgr_fetch_seconds`.
+    started: Instant,
 }
 
 /// A GetBlob waiting for its blob to be opened.
@@ -119,7 +114,7 @@ pub struct Service {
     opening: HashMap<String, Vec<PendingOpen>>,
     deleting: HashMap<String, Deletion>,
     outbox: Vec<Output>,
-    stats: ServiceStats,
+    metrics: Arc<Metrics>,
 }
 
 /// The live session of `conn`, if any (a free function so the borrow stays
@@ -134,7 +129,14 @@ fn session(sessions: &mut [Option<Session>], conn: ConnId) -> Option<&mut Sessio
 impl Service {
     /// A service over `index` for `backend`'s ids; a connection holds at
     /// most `max_tokens` tokens.
-    pub fn new(backend: Arc<dyn Backend>, index: Index, max_tokens: usize) -> Service {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        index: Index,
+        max_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> Service {
+        let limit = index.config().limit.unwrap_or(0);
+        metrics.cache.limit_bytes.set(limit);
         Service {
             backend,
             max_tokens,
@@ -145,12 +147,23 @@ impl Service {
             opening: HashMap::new(),
             deleting: HashMap::new(),
             outbox: Vec::new(),
-            stats: ServiceStats::default(),
+            metrics,
         }
     }
 
-    pub fn stats(&self) -> ServiceStats {
-        self.stats
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Copies the index's and the job table's sizes to the gauges; called
+    /// where they change (never on a cache hit).
+    fn publish(&self) {
+        let c = &self.metrics.cache;
+        c.bytes.set(self.index.used_bytes());
+        c.blobs.set(self.index.len() as u64);
+        c.evictions_size.set(self.index.evictions());
+        c.fills_in_flight.set(self.jobs.live_fills() as u64);
+        c.jobs_in_flight.set(self.jobs.live() as u64);
     }
 
     pub fn index(&self) -> &Index {
@@ -191,7 +204,8 @@ impl Service {
     /// stay where they are; their replies are dropped when their jobs end.
     pub fn close_session(&mut self, conn: ConnId) {
         if let Some(mut s) = self.sessions.get_mut(conn.key()).and_then(|s| s.take()) {
-            s.tokens.clear(&mut self.index);
+            s.tokens
+                .clear(&mut self.index, &self.metrics.cache.tokens_open);
         }
     }
 
@@ -204,12 +218,28 @@ impl Service {
         });
     }
 
+    /// Answers a GetBlob with `errno`.
+    fn refuse_blob(&mut self, conn: ConnId, tag: u64, errno: Errno) {
+        let outcome = match errno {
+            Errno::NoEnt => Outcome::Enoent,
+            Errno::Io => Outcome::Eio,
+            Errno::Access => Outcome::Eacces,
+            Errno::Inval => Outcome::Einval,
+            Errno::MFile => Outcome::Emfile,
+        };
+        self.metrics.request(Op::GetBlob, outcome);
+        self.reply(conn, tag, Reply::blob_error(errno), None);
+    }
+
     /// Handles one decoded request of `conn`.
     pub fn request(&mut self, conn: ConnId, m: Message) {
-        self.stats.requests += 1;
+        self.metrics.work.received.bump();
         let tag = m.header.tag;
         match m.request {
-            Request::Noop => self.reply(conn, tag, Reply::Noop, None),
+            Request::Noop => {
+                self.metrics.request(Op::Noop, Outcome::Ok);
+                self.reply(conn, tag, Reply::Noop, None)
+            }
             Request::GetBlob { generation, id } => self.get_blob(conn, tag, generation, &id),
             Request::FetchRange {
                 token,
@@ -229,17 +259,18 @@ impl Service {
         if s.generation != generation {
             // Tokens of other generations can never be used again.
             s.generation = generation;
-            s.tokens.clear(&mut self.index);
+            s.tokens
+                .clear(&mut self.index, &self.metrics.cache.tokens_open);
         }
         let id = match protocol::parse_blob_id(raw) {
             Ok(id) => id,
             Err(e) => {
                 log::debug!("GetBlob on connection {conn}: {e}");
-                return self.reply(conn, tag, Reply::blob_error(Errno::Inval), None);
+                return self.refuse_blob(conn, tag, Errno::Inval);
             }
         };
         let Some(id) = self.backend.canonical_id(id) else {
-            return self.reply(conn, tag, Reply::blob_error(Errno::Inval), None);
+            return self.refuse_blob(conn, tag, Errno::Inval);
         };
         if let Some(key) = self.index.lookup(&id) {
             return self.answer_get_blob(conn, tag, generation, key);
@@ -247,7 +278,7 @@ impl Service {
         let deletion = self.deleting.get(&id).copied();
         if deletion == Some(Deletion::Stuck) {
             log::info!("GetBlob {id}: its evicted files are still being deleted");
-            return self.reply(conn, tag, Reply::blob_error(Errno::Io), None);
+            return self.refuse_blob(conn, tag, Errno::Io);
         }
         s.waiting += 1;
         let waiter = PendingOpen {
@@ -268,6 +299,7 @@ impl Service {
     fn start_open(&mut self, id: String) {
         self.index.forget_cold(&id);
         self.jobs.start(JobKind::Open { id });
+        self.publish();
     }
 
     /// Replies to a GetBlob whose blob is open: a new token and the fd.
@@ -276,17 +308,19 @@ impl Service {
             return;
         };
         if s.tokens.len() >= self.max_tokens {
-            return self.reply(conn, tag, Reply::blob_error(Errno::MFile), None);
+            return self.refuse_blob(conn, tag, Errno::MFile);
         }
         let Some(fd) = self.index.blob(key).map(|b| b.client_fd().clone()) else {
-            return self.reply(conn, tag, Reply::blob_error(Errno::Io), None);
+            return self.refuse_blob(conn, tag, Errno::Io);
         };
         s.next_n = s.next_n.wrapping_add(1).max(1);
         let n = s.next_n;
         if generation == s.generation {
-            s.tokens.add(n, key, &mut self.index);
+            s.tokens
+                .add(n, key, &mut self.index, &self.metrics.cache.tokens_open);
         }
         let token = (generation as u64) << 32 | n as u64;
+        self.metrics.request(Op::GetBlob, Outcome::Ok);
         self.reply(conn, tag, Reply::blob(token), Some(fd));
     }
 
@@ -302,9 +336,11 @@ impl Service {
         let Some(s) = session(&mut self.sessions, conn) else {
             return;
         };
+        let op = if need { Op::FetchRange } else { Op::Prefetch };
         let key = match s.tokens.get(token as u32) {
             Some(key) if (token >> 32) as u32 == s.generation => key,
             _ => {
+                self.metrics.request(op, Outcome::Mismatch);
                 if need {
                     let r = Reply::fetch(token, 0, FetchResult::GenerationMismatch);
                     self.reply(conn, tag, r, None);
@@ -314,10 +350,14 @@ impl Service {
         };
         let result = match self.index.plan(key, start, count, Instant::now) {
             Plan::Ready { count } => {
-                self.stats.fetch_hits += 1;
+                self.metrics.request(op, Outcome::Hit);
+                self.metrics.fetch_time(true).observe_instant();
                 Reply::fetch(token, count, FetchResult::Ok)
             }
-            Plan::OutOfRange | Plan::Unavailable => Reply::fetch(token, 0, FetchResult::Failed),
+            Plan::OutOfRange | Plan::Unavailable => {
+                self.metrics.request(op, Outcome::Failed);
+                Reply::fetch(token, 0, FetchResult::Failed)
+            }
             Plan::Wait {
                 count,
                 waiting_on,
@@ -331,6 +371,7 @@ impl Service {
                     remaining: 0,
                     failed: false,
                     reply: need,
+                    started: Instant::now(),
                 };
                 return self.wait_for_fills(key, fetch, waiting_on, runs);
             }
@@ -361,7 +402,7 @@ impl Service {
                 let job = self.jobs.start(JobKind::Fill { key, blob, g0, n });
                 self.index.fill_started(key, g0, n, job);
                 self.jobs.wait(job, fid);
-                self.stats.fills_started += 1;
+                self.metrics.work.fills_started.bump();
                 remaining += 1;
             }
         }
@@ -375,6 +416,7 @@ impl Service {
             self.fetches[fid].remaining = 1;
             self.fetch_progress(fid, false);
         }
+        self.publish();
     }
 
     /// One fill that fetch `fid` waited on ended.
@@ -388,6 +430,14 @@ impl Service {
             return;
         }
         let p = self.fetches.remove(fid);
+        let (op, outcome) = match (p.reply, p.failed) {
+            (true, false) => (Op::FetchRange, Outcome::Miss),
+            (true, true) => (Op::FetchRange, Outcome::Failed),
+            (false, false) => (Op::Prefetch, Outcome::Miss),
+            (false, true) => (Op::Prefetch, Outcome::Failed),
+        };
+        self.metrics.request(op, outcome);
+        self.metrics.fetch_time(false).observe(p.started.elapsed());
         let Some(s) = session(&mut self.sessions, p.conn) else {
             return;
         };
@@ -405,7 +455,12 @@ impl Service {
 
     /// Job `id` returned from its worker (`None`: it panicked, or was
     /// cancelled or dropped before it ran).
-    pub fn job_done(&mut self, id: JobId, outcome: Option<Outcome>) {
+    pub fn job_done(&mut self, id: JobId, outcome: Option<JobOutput>) {
+        self.finish_job(id, outcome);
+        self.publish();
+    }
+
+    fn finish_job(&mut self, id: JobId, outcome: Option<JobOutput>) {
         let Some(f) = self.jobs.finish(id) else {
             return;
         };
@@ -414,8 +469,8 @@ impl Service {
             JobKind::Open { .. } => {}
             JobKind::Fill { key, blob, g0, .. } => {
                 let complete = match outcome {
-                    Some(Outcome::Filled(Ok(complete))) => Some(complete),
-                    Some(Outcome::Filled(Err(e))) => {
+                    Some(JobOutput::Filled(Ok(complete))) => Some(complete),
+                    Some(JobOutput::Filled(Err(e))) => {
                         log::warn!("fill job {id} of blob {}: {e}", blob.id());
                         None
                     }
@@ -423,7 +478,7 @@ impl Service {
                     _ => None,
                 };
                 if complete.is_none() && !f.late {
-                    self.stats.fills_failed += 1;
+                    self.metrics.work.fills_failed.bump();
                 }
                 self.index
                     .fill_finished(key, &blob, g0, id, complete.is_some());
@@ -439,18 +494,18 @@ impl Service {
             }
             JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
             JobKind::Checkpoint { blob } => {
-                if let Some(Outcome::Checkpointed(Err(e))) = outcome {
+                if let Some(JobOutput::Checkpointed(Err(e))) = outcome {
                     log::warn!("checkpoint of blob {}: {e}", blob.id());
                 }
             }
         }
     }
 
-    fn opened(&mut self, blob_id: String, outcome: Option<Outcome>) {
+    fn opened(&mut self, blob_id: String, outcome: Option<JobOutput>) {
         let waiters = self.opening.remove(&blob_id).unwrap_or_default();
         let result = match outcome {
-            Some(Outcome::Opened(Ok(blob))) => Ok(self.index.insert(blob)),
-            Some(Outcome::Opened(Err(e))) => {
+            Some(JobOutput::Opened(Ok(blob))) => Ok(self.index.insert(blob)),
+            Some(JobOutput::Opened(Err(e))) => {
                 log::info!("GetBlob {blob_id}: {e}");
                 Err(e.errno())
             }
@@ -463,14 +518,14 @@ impl Service {
             s.waiting -= 1;
             match result {
                 Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key),
-                Err(errno) => self.reply(w.conn, w.tag, Reply::blob_error(errno), None),
+                Err(errno) => self.refuse_blob(w.conn, w.tag, errno),
             }
         }
     }
 
-    fn deleted(&mut self, blob_id: String, outcome: Option<Outcome>) {
+    fn deleted(&mut self, blob_id: String, outcome: Option<JobOutput>) {
         match outcome {
-            Some(Outcome::Deleted(Err(e))) => log::warn!("evicting blob {blob_id}: {e}"),
+            Some(JobOutput::Deleted(Err(e))) => log::warn!("evicting blob {blob_id}: {e}"),
             Some(_) => {}
             None => log::warn!("evicting blob {blob_id}: the delete job never ran"),
         }
@@ -492,14 +547,20 @@ impl Service {
     /// waiters fail now. Returns the fill jobs of the same blob, which would
     /// hang the same way, for the caller to cancel those not yet started.
     pub fn job_expired(&mut self, id: JobId, timeout: Duration) -> Vec<JobId> {
+        let others = self.abandon_job(id, timeout);
+        self.publish();
+        others
+    }
+
+    fn abandon_job(&mut self, id: JobId, timeout: Duration) -> Vec<JobId> {
         let Some((kind, waiters)) = self.jobs.abandon(id) else {
             return Vec::new();
         };
-        self.stats.jobs_timed_out += 1;
+        self.metrics.work.jobs_timed_out.bump();
         log::warn!("backend job {id} still running after {timeout:?}; failing its requests");
         match kind {
             JobKind::Fill { key, blob, g0, .. } => {
-                self.stats.fills_failed += 1;
+                self.metrics.work.fills_failed.bump();
                 self.index.fill_timed_out(key, Instant::now(), timeout);
                 self.index.fill_finished(key, &blob, g0, id, false);
                 for fid in waiters {
@@ -524,7 +585,7 @@ impl Service {
         for w in self.opening.remove(blob_id).unwrap_or_default() {
             if let Some(s) = session(&mut self.sessions, w.conn) {
                 s.waiting -= 1;
-                self.reply(w.conn, w.tag, Reply::blob_error(Errno::Io), None);
+                self.refuse_blob(w.conn, w.tag, Errno::Io);
             }
         }
     }

@@ -33,7 +33,12 @@ impl Harness {
         cfg.prepare().unwrap();
         let cfg = Arc::new(cfg);
         let backend: Arc<dyn Backend> = Arc::new(LocalFs::new(be_dir));
-        let mut svc = Service::new(backend.clone(), Index::new(cfg.clone()), 16);
+        let mut svc = Service::new(
+            backend.clone(),
+            Index::new(cfg.clone()),
+            16,
+            Default::default(),
+        );
         svc.open_session(CONN());
         Harness {
             svc,
@@ -186,21 +191,21 @@ fn a_late_fill_is_credited_and_counted_once() {
         h.replies(),
         vec![(tag, Reply::fetch(t, 0, FetchResult::Failed))]
     );
-    assert_eq!(h.svc.stats().fills_failed, 1);
+    assert_eq!(h.svc.metrics().work.fills_failed.get(), 1);
     assert_eq!(h.svc.index().used_bytes(), 0);
     // It returns after all, with the bytes written.
     let out = (h.runner.work(kind))();
     h.svc.job_done(id, Some(out));
     assert_eq!(h.svc.index().used_bytes(), 8192, "late bytes are credited");
-    assert_eq!(h.svc.stats().fills_failed, 1);
+    assert_eq!(h.svc.metrics().work.fills_failed.get(), 1);
     // A late failure is not counted a second time.
     let tb = h.token("b");
     h.fetch(tb, 0, 1);
     let (id, _) = h.svc.take_jobs().next().unwrap();
     h.svc.job_expired(id, Duration::from_secs(1));
-    assert_eq!(h.svc.stats().fills_failed, 2);
+    assert_eq!(h.svc.metrics().work.fills_failed.get(), 2);
     h.svc.job_done(id, None);
-    assert_eq!(h.svc.stats().fills_failed, 2);
+    assert_eq!(h.svc.metrics().work.fills_failed.get(), 2);
 }
 
 /// Bug fixed in the redesign: an abandoned delete job cleared `deleting`, so

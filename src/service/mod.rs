@@ -11,13 +11,14 @@ use crate::backend::Backend;
 use crate::cache::{BlobKey, Index, Plan};
 use crate::connection::ConnId;
 use crate::jobs::{JobId, JobKind, JobOutput, JobTable};
-use crate::metrics::{Counter, Metrics, Op, Outcome};
+use crate::metrics::{Metrics, Op, Outcome};
 use crate::protocol::{self, Errno, FetchResult, Message, Reply, Request};
 use slab::Slab;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokens::Tokens;
 
 /// What the service emits for the reactor.
 #[derive(Debug)]
@@ -32,36 +33,6 @@ pub enum Output {
     /// A request of `conn` finished without a reply (a prefetch): its
     /// backpressure may have cleared.
     Progress(ConnId),
-}
-
-/// The tokens of one connection's current generation and the blobs they
-/// hold. Every change of the index's reference counts goes through here.
-#[derive(Default)]
-struct Tokens(HashMap<u32, BlobKey>);
-
-impl Tokens {
-    fn get(&self, n: u32) -> Option<BlobKey> {
-        self.0.get(&n).copied()
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn add(&mut self, n: u32, key: BlobKey, index: &mut Index, open: &Counter) {
-        index.acquire(key);
-        match self.0.insert(n, key) {
-            Some(old) => index.release(old),
-            None => open.add(1),
-        }
-    }
-
-    fn clear(&mut self, index: &mut Index, open: &Counter) {
-        open.set(open.get() - self.0.len() as u64);
-        for (_, key) in self.0.drain() {
-            index.release(key);
-        }
-    }
 }
 
 /// Per-connection protocol state.
@@ -128,7 +99,8 @@ fn session(sessions: &mut [Option<Session>], conn: ConnId) -> Option<&mut Sessio
 
 impl Service {
     /// A service over `index` for `backend`'s ids; a connection holds at
-    /// most `max_tokens` tokens.
+    /// most `max_tokens` tokens (past it, its least recently used one is
+    /// retired).
     pub fn new(
         backend: Arc<dyn Backend>,
         index: Index,
@@ -307,17 +279,19 @@ impl Service {
         let Some(s) = session(&mut self.sessions, conn) else {
             return;
         };
-        if s.tokens.len() >= self.max_tokens {
-            return self.refuse_blob(conn, tag, Errno::MFile);
-        }
         let Some(fd) = self.index.blob(key).map(|b| b.client_fd().clone()) else {
             return self.refuse_blob(conn, tag, Errno::Io);
         };
         s.next_n = s.next_n.wrapping_add(1).max(1);
         let n = s.next_n;
         if generation == s.generation {
-            s.tokens
-                .add(n, key, &mut self.index, &self.metrics.cache.tokens_open);
+            let open = &self.metrics.cache.tokens_open;
+            if s.tokens.len() >= self.max_tokens {
+                // Past the limit the least recently used token is retired:
+                // a FetchRange on it answers 2 and the client opens again.
+                s.tokens.retire_lru(&mut self.index, open);
+            }
+            s.tokens.add(n, key, &mut self.index, open);
         }
         let token = (generation as u64) << 32 | n as u64;
         self.metrics.request(Op::GetBlob, Outcome::Ok);
@@ -337,7 +311,7 @@ impl Service {
             return;
         };
         let op = if need { Op::FetchRange } else { Op::Prefetch };
-        let key = match s.tokens.get(token as u32) {
+        let key = match s.tokens.touch(token as u32) {
             Some(key) if (token >> 32) as u32 == s.generation => key,
             _ => {
                 self.metrics.request(op, Outcome::Mismatch);
@@ -593,3 +567,4 @@ impl Service {
 
 #[cfg(test)]
 mod tests;
+mod tokens;

@@ -288,3 +288,34 @@ fn a_closed_connection_drops_its_replies_and_releases_its_tokens() {
     assert!(h.replies().is_empty());
     assert_eq!(h.svc.waiting(CONN()), 0);
 }
+
+#[test]
+fn past_the_token_limit_the_least_recently_used_token_is_retired() {
+    let mut h = Harness::new(&[("a", 4096), ("b", 4096)], None);
+    let first = h.token("a");
+    let kept = h.token("b");
+    for i in 0..40 {
+        // Keep "kept" in use; every other token ages.
+        let tag = h.fetch(kept, 0, 1);
+        h.run_jobs();
+        assert_eq!(h.replies()[0].0, tag);
+        let id = if i % 2 == 0 { "a" } else { "b" };
+        assert!(
+            matches!(h.get_blob(id), Reply::GetBlob { result: 0, .. }),
+            "GetBlob {i} past the limit of 16 must not fail"
+        );
+    }
+    let tag = h.fetch(first, 0, 1);
+    let mismatch = Reply::fetch(first, 0, FetchResult::GenerationMismatch);
+    assert_eq!(
+        h.replies(),
+        vec![(tag, mismatch)],
+        "the oldest token is retired"
+    );
+    let tag = h.fetch(kept, 0, 1);
+    assert_eq!(
+        h.replies(),
+        vec![(tag, Reply::fetch(kept, 1, FetchResult::Ok))]
+    );
+    assert_eq!(h.svc.metrics().cache.tokens_open.get(), 16);
+}

@@ -12,16 +12,24 @@
 //! service as [`jobs`] for the [`worker`] pool, running on a [`backend`], and
 //! comes back through one completion queue. [`server`] wires them and is
 //! what a daemon or a host event loop drives. See docs/ARCHITECTURE.md.
+//!
+//! Blob references to any registry are read by [`reference`](mod@reference) (ids and
+//! `--allow-registry`), [`hosts`] (containerd's hosts.toml: mirrors, TLS,
+//! headers) and [`credentials`] (Docker's config.json and credential
+//! helpers).
 
 pub mod backend;
 pub mod cache;
 pub mod client;
 pub mod connection;
+pub mod credentials;
+pub mod hosts;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;
 pub mod reactor;
+pub mod reference;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -161,6 +161,21 @@ pub trait Backend: Send + Sync + 'static {
     /// was written.
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError>;
 
+    /// Like [`Backend::read_into`], but the backend may write more than it
+    /// was asked for (a server that answers a range with the whole blob):
+    /// returns the byte range `[start, end)` of `dst` it wrote in full,
+    /// which covers the one asked for. The caller may mark all of it valid.
+    fn read_into_extent(
+        &self,
+        id: &str,
+        offset: u64,
+        len: u64,
+        dst: &File,
+    ) -> Result<(u64, u64), BackendError> {
+        self.read_into(id, offset, len, dst)?;
+        Ok((offset, offset + len))
+    }
+
     /// Checks a completely filled blob (`size` bytes of `data`) against what
     /// the backend knows of it, e.g. its digest. On error the cache discards
     /// every granule of the blob. The default trusts the bytes.

@@ -8,8 +8,9 @@
 //! the late result is still seen (a late fill's bytes are credited; a late
 //! delete keeps its blob exclusive until its files are really gone).
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::BackendError;
 use crate::cache::{self, Blob, BlobKey, CacheConfig, OpenError};
+use crate::source::{Source, Sources};
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -20,14 +21,16 @@ pub type JobId = u64;
 /// What a job does.
 #[derive(Clone, Debug)]
 pub enum JobKind {
-    /// Open (or create) the cache files of blob `id`.
-    Open { id: String },
-    /// Fill granules `[g0, g0 + n)` of the blob at `key`.
+    /// Open (or create) the cache files named `id`, of a blob from
+    /// `source`.
+    Open { id: String, source: Source },
+    /// Fill granules `[g0, g0 + n)` of the blob at `key` from `source`.
     Fill {
         key: BlobKey,
         blob: Arc<Blob>,
         g0: u64,
         n: u64,
+        source: Source,
     },
     /// Delete the files of evicted blob `id`.
     Delete { id: String },
@@ -48,24 +51,32 @@ pub enum JobOutput {
 /// Turns a [`JobKind`] into the closure a worker runs.
 #[derive(Clone)]
 pub struct Runner {
-    backend: Arc<dyn Backend>,
+    sources: Arc<Sources>,
     cache: Arc<CacheConfig>,
 }
 
 impl Runner {
-    pub fn new(backend: Arc<dyn Backend>, cache: Arc<CacheConfig>) -> Runner {
-        Runner { backend, cache }
+    pub fn new(sources: Arc<Sources>, cache: Arc<CacheConfig>) -> Runner {
+        Runner { sources, cache }
     }
 
     /// The work of `kind`, to run on a worker thread.
     pub fn work(&self, kind: JobKind) -> impl FnOnce() -> JobOutput + Send + 'static {
         let this = self.clone();
         move || match kind {
-            JobKind::Open { id } => {
-                JobOutput::Opened(Blob::open(&this.cache, this.backend.as_ref(), &id))
+            JobKind::Open { id, source } => {
+                let (backend, backend_id) = this.sources.backend(&source, &id);
+                JobOutput::Opened(Blob::open_as(&this.cache, backend, backend_id, &id))
             }
-            JobKind::Fill { blob, g0, n, .. } => {
-                JobOutput::Filled(blob.fill(this.backend.as_ref(), g0, n))
+            JobKind::Fill {
+                blob,
+                g0,
+                n,
+                source,
+                ..
+            } => {
+                let (backend, backend_id) = this.sources.backend(&source, blob.id());
+                JobOutput::Filled(blob.fill_from(backend, backend_id, g0, n))
             }
             JobKind::Delete { id } => {
                 JobOutput::Deleted(cache::remove_blob_files(&this.cache, &id))
@@ -201,7 +212,10 @@ mod tests {
     fn ids_are_unique_and_waiters_come_back() {
         let mut t: JobTable<u32> = JobTable::default();
         let a = t.start(JobKind::Delete { id: "a".into() });
-        let b = t.start(JobKind::Open { id: "b".into() });
+        let b = t.start(JobKind::Open {
+            id: "b".into(),
+            source: Source::Backend,
+        });
         assert_ne!(a, b);
         assert_eq!(t.take_started().count(), 2);
         assert!(t.wait(a, 7) && t.wait(a, 8));

@@ -33,6 +33,7 @@ pub mod reference;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod source;
 pub mod worker;
 
 pub use server::{Server, ServerConfig};

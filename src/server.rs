@@ -17,7 +17,9 @@ use crate::listener::Listener;
 use crate::metrics::http::{MetricsAddr, MetricsServer};
 use crate::metrics::{Metrics, Op, Outcome};
 use crate::reactor::{Limits, Reactor, ReadHint};
+use crate::reference::AllowList;
 use crate::service::Service;
+use crate::source::{SharedBackend, Sources};
 use crate::worker::{Completion, WorkerPool};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -58,6 +60,9 @@ pub struct ServerConfig {
     pub backend_timeout: Duration,
     /// Where `GET /metrics` is served (on a thread of its own); empty: not.
     pub metrics: Vec<MetricsAddr>,
+    /// The backend of blob references (`HOST/REPO@sha256:HEX`), with the
+    /// hosts references may name; `None`: references answer EIO.
+    pub references: Option<(SharedBackend, AllowList)>,
 }
 
 /// Default for `--backend-timeout`.
@@ -86,6 +91,7 @@ impl ServerConfig {
             max_tokens: 4096,
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
             metrics: Vec::new(),
+            references: None,
         }
     }
 
@@ -171,8 +177,13 @@ impl Server {
         cfg.cache.prepare()?;
         let listener = Listener::bind(&cfg.sock, cfg.sock_mode, cfg.sock_group, 4096)?;
         let pool = WorkerPool::new(cfg.workers)?;
+        let (references, allow) = match cfg.references.clone() {
+            Some((SharedBackend(b), allow)) => (Some(b), allow),
+            None => (None, AllowList::default()),
+        };
+        let sources = Arc::new(Sources::new(backend.clone(), references, allow));
         let metrics = Arc::new(Metrics::default());
-        let endpoint = start_endpoint(&cfg, &metrics, &backend)?;
+        let endpoint = start_endpoint(&cfg, &metrics, &sources)?;
         let reactor = Reactor::new(registrar, listener, cfg.limits(), metrics.clone())?;
         reactor
             .registrar()
@@ -187,14 +198,14 @@ impl Server {
         );
         let cache = Arc::new(cfg.cache.clone());
         let index = Index::new(cache.clone());
-        let service = Service::new(backend.clone(), index, cfg.max_tokens, metrics.clone());
+        let service = Service::new(sources.clone(), index, cfg.max_tokens, metrics.clone());
         Ok(Server {
             backend_timeout: cfg.backend_timeout,
             poll: None,
             reactor,
             service,
             pool,
-            runner: Runner::new(backend, cache),
+            runner: Runner::new(sources, cache),
             completions: Vec::new(),
             next_expiry: None,
             metrics,
@@ -387,12 +398,12 @@ impl Server {
 fn start_endpoint(
     cfg: &ServerConfig,
     metrics: &Arc<Metrics>,
-    backend: &Arc<dyn Backend>,
+    sources: &Arc<Sources>,
 ) -> io::Result<Option<MetricsServer>> {
     if cfg.metrics.is_empty() {
         return Ok(None);
     }
-    let (m, b) = (metrics.clone(), backend.clone());
+    let (m, b) = (metrics.clone(), sources.clone());
     let render = Box::new(move || m.render(&b.endpoint_stats()));
     MetricsServer::start(&cfg.metrics, cfg.sock_mode, cfg.sock_group, render).map(Some)
 }

@@ -58,8 +58,21 @@ impl Blob {
     /// backend, or from a valid map when the backend no longer has it.
     /// Runs on a worker.
     pub fn open(cfg: &CacheConfig, backend: &dyn Backend, id: &str) -> Result<Blob, OpenError> {
-        let map_path = cfg.map_dir().join(id);
-        let data_path = cfg.data_dir().join(id);
+        Blob::open_as(cfg, backend, id, id)
+    }
+
+    /// Opens the cache files named `key` of the blob the backend calls
+    /// `backend_id` (a reference's key is its digest, so every reference to
+    /// one digest shares the files).
+    pub fn open_as(
+        cfg: &CacheConfig,
+        backend: &dyn Backend,
+        backend_id: &str,
+        key: &str,
+    ) -> Result<Blob, OpenError> {
+        let id = key;
+        let map_path = cfg.map_dir().join(key);
+        let data_path = cfg.data_dir().join(key);
         let boot_id = map::current_boot_id();
         let stored = match map::load(&map_path, cfg.granule, &boot_id) {
             Ok(m) => m,
@@ -71,7 +84,7 @@ impl Blob {
                 None
             }
         };
-        let size = match (backend.blob_size(id), &stored) {
+        let size = match (backend.blob_size(backend_id), &stored) {
             (Ok(s), _) => s,
             (Err(e), Some(m)) => {
                 log::info!("blob {id}: backend unavailable ({e}); serving from the cache");
@@ -203,15 +216,38 @@ impl Blob {
     /// the blob is now complete (and checked): it is then due a
     /// [`Blob::checkpoint`], which the caller runs after answering.
     pub fn fill(&self, backend: &dyn Backend, g0: u64, n: u64) -> Result<bool, BackendError> {
+        self.fill_from(backend, &self.id, g0, n)
+    }
+
+    /// [`Blob::fill`] from the blob the backend calls `backend_id`. When the
+    /// backend wrote more than asked (a server that ignores ranges), every
+    /// whole granule it wrote is marked ready too, so no byte is fetched
+    /// twice.
+    pub fn fill_from(
+        &self,
+        backend: &dyn Backend,
+        backend_id: &str,
+        g0: u64,
+        n: u64,
+    ) -> Result<bool, BackendError> {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
-        backend.read_into(&self.id, start, end - start, &self.data)?;
+        let (w0, w1) = backend.read_into_extent(backend_id, start, end - start, &self.data)?;
+        // Whole granules inside what was written (the last one may end at
+        // the blob's end); never less than the granules asked for.
+        let first = w0.min(start).div_ceil(self.granule).min(g0);
+        let last = if w1.max(end) >= self.size {
+            self.granules()
+        } else {
+            w1.max(end) / self.granule
+        };
+        let newly = (first..last).filter(|&g| !self.is_ready(g)).count() as u64;
         // The fill that completes the blob checks it before its own granules
         // are reported ready, so a blob never shows complete and unchecked.
-        if self.ready_count() + n == self.granules() {
-            self.verify(backend)?;
+        if self.ready_count() + newly == self.granules() {
+            self.verify(backend, backend_id)?;
         }
-        self.mark_ready(g0, n);
+        self.mark_ready(first, last - first);
         if let Err(e) = self.persist(false) {
             // The bytes are valid in memory; only their persistence failed.
             log::warn!("blob {}: writing readiness map: {e}", self.id);
@@ -221,13 +257,13 @@ impl Blob {
         }
         // Two last fills that ran at once each saw the other missing: the
         // check runs here instead (a no-op if it already passed).
-        self.verify(backend)?;
+        self.verify(backend, backend_id)?;
         Ok(true)
     }
 
     /// Checks the complete blob with the backend, once; a mismatch throws
     /// the cache away.
-    fn verify(&self, backend: &dyn Backend) -> Result<(), BackendError> {
+    fn verify(&self, backend: &dyn Backend, backend_id: &str) -> Result<(), BackendError> {
         if !backend.verifies()
             || self
                 .verify_state
@@ -236,7 +272,7 @@ impl Blob {
         {
             return Ok(());
         }
-        if let Err(e) = backend.verify(&self.id, &self.data, self.size) {
+        if let Err(e) = backend.verify(backend_id, &self.data, self.size) {
             log::error!("blob {}: {e}; discarding its cache", self.id);
             self.discard();
             return Err(e);

@@ -147,7 +147,7 @@ pub(super) fn api_root(url: &str, override_path: bool) -> Result<Url, String> {
     if !matches!(u.scheme(), "http" | "https") {
         return Err(format!("scheme {:?} is not http or https", u.scheme()));
     }
-    if u.host_str().map_or(true, str::is_empty) {
+    if u.host_str().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());
     }
     if !u.username().is_empty() || u.password().is_some() {

@@ -39,6 +39,21 @@ pub fn parse_blob_id(field: &[u8; BLOB_ID_FIELD]) -> Result<&str, BlobIdError> {
     validate_blob_id(&field[..len])
 }
 
+/// The id text of a GetBlob field, before any rule about its alphabet:
+/// NUL-terminated within the field, non-empty, UTF-8. References (with `/`
+/// and `@`) are checked by their own parser; plain ids by
+/// [`validate_blob_id`].
+pub fn blob_id_text(field: &[u8; BLOB_ID_FIELD]) -> Result<&str, BlobIdError> {
+    let len = field
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(BlobIdError::NotTerminated)?;
+    if len == 0 {
+        return Err(BlobIdError::Empty);
+    }
+    std::str::from_utf8(&field[..len]).map_err(|_| BlobIdError::NotUtf8)
+}
+
 /// Validates an id given as bytes without its terminator (see [`parse_blob_id`]).
 pub fn validate_blob_id(id: &[u8]) -> Result<&str, BlobIdError> {
     if id.is_empty() {

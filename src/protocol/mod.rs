@@ -10,7 +10,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use std::fmt;
 
 mod blob_id;
-pub use blob_id::{parse_blob_id, validate_blob_id, BlobIdError};
+pub use blob_id::{blob_id_text, parse_blob_id, validate_blob_id, BlobIdError};
 
 /// Length of every message header.
 pub const HEADER_SIZE: usize = 20;

@@ -7,12 +7,12 @@
 //! output leaves through [`Service::take_output`] (replies, with their fds)
 //! and [`Service::take_jobs`] (work for the pool). Nothing here calls back.
 
-use crate::backend::Backend;
 use crate::cache::{BlobKey, Index, Plan};
 use crate::connection::ConnId;
 use crate::jobs::{JobId, JobKind, JobOutput, JobTable};
 use crate::metrics::{Metrics, Op, Outcome};
-use crate::protocol::{self, Errno, FetchResult, Message, Reply, Request};
+use crate::protocol::{Errno, FetchResult, Message, Reply, Request};
+use crate::source::{Source, Sources};
 use slab::Slab;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -63,6 +63,7 @@ struct PendingOpen {
     conn: ConnId,
     tag: u64,
     generation: u32,
+    source: Source,
 }
 
 /// The files of an evicted blob are being deleted; a GetBlob of it waits,
@@ -75,7 +76,7 @@ enum Deletion {
 
 /// The request service. See the module docs.
 pub struct Service {
-    backend: Arc<dyn Backend>,
+    sources: Arc<Sources>,
     max_tokens: usize,
     index: Index,
     jobs: JobTable<usize>,
@@ -102,7 +103,7 @@ impl Service {
     /// most `max_tokens` tokens (past it, its least recently used one is
     /// retired).
     pub fn new(
-        backend: Arc<dyn Backend>,
+        sources: Arc<Sources>,
         index: Index,
         max_tokens: usize,
         metrics: Arc<Metrics>,
@@ -110,7 +111,7 @@ impl Service {
         let limit = index.config().limit.unwrap_or(0);
         metrics.cache.limit_bytes.set(limit);
         Service {
-            backend,
+            sources,
             max_tokens,
             index,
             jobs: JobTable::default(),
@@ -234,18 +235,15 @@ impl Service {
             s.tokens
                 .clear(&mut self.index, &self.metrics.cache.tokens_open);
         }
-        let id = match protocol::parse_blob_id(raw) {
-            Ok(id) => id,
+        let (id, source) = match self.sources.resolve(raw) {
+            Ok(resolved) => resolved,
             Err(e) => {
                 log::debug!("GetBlob on connection {conn}: {e}");
-                return self.refuse_blob(conn, tag, Errno::Inval);
+                return self.refuse_blob(conn, tag, e.errno());
             }
         };
-        let Some(id) = self.backend.canonical_id(id) else {
-            return self.refuse_blob(conn, tag, Errno::Inval);
-        };
         if let Some(key) = self.index.lookup(&id) {
-            return self.answer_get_blob(conn, tag, generation, key);
+            return self.answer_get_blob(conn, tag, generation, key, source);
         }
         let deletion = self.deleting.get(&id).copied();
         if deletion == Some(Deletion::Stuck) {
@@ -257,6 +255,7 @@ impl Service {
             conn,
             tag,
             generation,
+            source: source.clone(),
         };
         if let Some(waiters) = self.opening.get_mut(&id) {
             waiters.push(waiter);
@@ -264,18 +263,25 @@ impl Service {
         }
         self.opening.insert(id.clone(), vec![waiter]);
         if deletion.is_none() {
-            self.start_open(id);
+            self.start_open(id, source);
         }
     }
 
-    fn start_open(&mut self, id: String) {
+    fn start_open(&mut self, id: String, source: Source) {
         self.index.forget_cold(&id);
-        self.jobs.start(JobKind::Open { id });
+        self.jobs.start(JobKind::Open { id, source });
         self.publish();
     }
 
     /// Replies to a GetBlob whose blob is open: a new token and the fd.
-    fn answer_get_blob(&mut self, conn: ConnId, tag: u64, generation: u32, key: BlobKey) {
+    fn answer_get_blob(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        generation: u32,
+        key: BlobKey,
+        source: Source,
+    ) {
         let Some(s) = session(&mut self.sessions, conn) else {
             return;
         };
@@ -291,7 +297,7 @@ impl Service {
                 // a FetchRange on it answers 2 and the client opens again.
                 s.tokens.retire_lru(&mut self.index, open);
             }
-            s.tokens.add(n, key, &mut self.index, open);
+            s.tokens.add(n, key, source, &mut self.index, open);
         }
         let token = (generation as u64) << 32 | n as u64;
         self.metrics.request(Op::GetBlob, Outcome::Ok);
@@ -311,8 +317,8 @@ impl Service {
             return;
         };
         let op = if need { Op::FetchRange } else { Op::Prefetch };
-        let key = match s.tokens.touch(token as u32) {
-            Some(key) if (token >> 32) as u32 == s.generation => key,
+        let (key, source) = match s.tokens.touch(token as u32) {
+            Some(held) if (token >> 32) as u32 == s.generation => held,
             _ => {
                 self.metrics.request(op, Outcome::Mismatch);
                 if need {
@@ -347,7 +353,7 @@ impl Service {
                     reply: need,
                     started: Instant::now(),
                 };
-                return self.wait_for_fills(key, fetch, waiting_on, runs);
+                return self.wait_for_fills(key, source, fetch, waiting_on, runs);
             }
         };
         if need {
@@ -360,6 +366,7 @@ impl Service {
     fn wait_for_fills(
         &mut self,
         key: BlobKey,
+        source: Source,
         fetch: PendingFetch,
         waiting_on: Vec<JobId>,
         runs: Vec<(u64, u64)>,
@@ -373,7 +380,14 @@ impl Service {
         if let Some(blob) = self.index.blob(key).cloned() {
             for (g0, n) in runs {
                 let blob = blob.clone();
-                let job = self.jobs.start(JobKind::Fill { key, blob, g0, n });
+                let source = source.clone();
+                let job = self.jobs.start(JobKind::Fill {
+                    key,
+                    blob,
+                    g0,
+                    n,
+                    source,
+                });
                 self.index.fill_started(key, g0, n, job);
                 self.jobs.wait(job, fid);
                 self.metrics.work.fills_started.bump();
@@ -439,7 +453,7 @@ impl Service {
             return;
         };
         match f.kind {
-            JobKind::Open { id: blob_id } if !f.late => self.opened(blob_id, outcome),
+            JobKind::Open { id: blob_id, .. } if !f.late => self.opened(blob_id, outcome),
             JobKind::Open { .. } => {}
             JobKind::Fill { key, blob, g0, .. } => {
                 let complete = match outcome {
@@ -491,7 +505,7 @@ impl Service {
             };
             s.waiting -= 1;
             match result {
-                Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key),
+                Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key, w.source),
                 Err(errno) => self.refuse_blob(w.conn, w.tag, errno),
             }
         }
@@ -504,9 +518,10 @@ impl Service {
             None => log::warn!("evicting blob {blob_id}: the delete job never ran"),
         }
         self.deleting.remove(&blob_id);
-        if self.opening.contains_key(&blob_id) {
+        let waiting = self.opening.get(&blob_id).and_then(|w| w.first());
+        if let Some(source) = waiting.map(|w| w.source.clone()) {
             // A GetBlob came while the files were going: open them anew.
-            self.start_open(blob_id);
+            self.start_open(blob_id, source);
         }
     }
 
@@ -543,7 +558,7 @@ impl Service {
                 self.start_evictions();
                 return self.jobs.fills_of(key, id);
             }
-            JobKind::Open { id: blob_id } => self.fail_opens(&blob_id),
+            JobKind::Open { id: blob_id, .. } => self.fail_opens(&blob_id),
             JobKind::Delete { id: blob_id } => {
                 // Exclusive until the stuck worker really returns.
                 self.deleting.insert(blob_id.clone(), Deletion::Stuck);

@@ -32,17 +32,14 @@ impl Harness {
         cfg.limit = limit;
         cfg.prepare().unwrap();
         let cfg = Arc::new(cfg);
-        let backend: Arc<dyn Backend> = Arc::new(LocalFs::new(be_dir));
-        let mut svc = Service::new(
-            backend.clone(),
-            Index::new(cfg.clone()),
-            16,
-            Default::default(),
-        );
+        let backend: Arc<dyn crate::backend::Backend> = Arc::new(LocalFs::new(be_dir));
+        let sources = Arc::new(Sources::new(backend, None, Default::default()));
+        let index = Index::new(cfg.clone());
+        let mut svc = Service::new(sources.clone(), index, 16, Default::default());
         svc.open_session(CONN());
         Harness {
             svc,
-            runner: Runner::new(backend, cfg),
+            runner: Runner::new(sources, cfg),
             _dir: dir,
             next_tag: 0,
         }

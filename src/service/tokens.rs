@@ -5,12 +5,15 @@
 
 use crate::cache::{BlobKey, Index};
 use crate::metrics::Counter;
+use crate::source::Source;
 use std::collections::HashMap;
 
 /// A token's blob and when it was last used (a per-connection clock).
 struct Held {
     key: BlobKey,
     used: u64,
+    /// Where fills started through this token come from.
+    source: Source,
 }
 
 /// See the module docs.
@@ -21,12 +24,12 @@ pub(super) struct Tokens {
 }
 
 impl Tokens {
-    /// The blob of token `n`, noting the use.
-    pub fn touch(&mut self, n: u32) -> Option<BlobKey> {
+    /// The blob and source of token `n`, noting the use.
+    pub fn touch(&mut self, n: u32) -> Option<(BlobKey, Source)> {
         self.clock += 1;
         let h = self.held.get_mut(&n)?;
         h.used = self.clock;
-        Some(h.key)
+        Some((h.key, h.source.clone()))
     }
 
     pub fn len(&self) -> usize {
@@ -34,11 +37,11 @@ impl Tokens {
     }
 
     /// Records token `n` for `key`, holding the blob.
-    pub fn add(&mut self, n: u32, key: BlobKey, index: &mut Index, open: &Counter) {
+    pub fn add(&mut self, n: u32, key: BlobKey, source: Source, index: &mut Index, open: &Counter) {
         index.acquire(key);
         self.clock += 1;
         let used = self.clock;
-        match self.held.insert(n, Held { key, used }) {
+        match self.held.insert(n, Held { key, used, source }) {
             Some(old) => index.release(old.key),
             None => open.add(1),
         }

@@ -20,12 +20,14 @@
 
 mod auth;
 mod digest;
+mod ranges;
 mod transport;
 
 pub use digest::canonical_digest;
 
 use crate::backend::{Backend, BackendError, EndpointStats};
 use auth::Auth;
+use ranges::{RangeModes, Turn};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -54,6 +56,10 @@ pub struct RegistryOptions {
     pub backoff: Duration,
     /// Basic credentials: user name and password.
     pub credentials: Option<(String, String)>,
+    /// HTTP proxy URL to reach the registry through.
+    pub proxy: Option<String>,
+    /// Extra headers sent to the registry (hosts.toml `header`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for RegistryOptions {
@@ -64,6 +70,8 @@ impl Default for RegistryOptions {
             retries: DEFAULT_RETRIES,
             backoff: Duration::from_millis(100),
             credentials: None,
+            proxy: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -77,6 +85,11 @@ impl fmt::Debug for RegistryOptions {
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("proxy", &self.proxy.is_some())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -85,11 +98,15 @@ impl fmt::Debug for RegistryOptions {
 pub struct Registry {
     /// `scheme://host[:port]/`
     base: Url,
+    /// The API root blob paths are relative to (`base` + `v2/`, or a
+    /// mirror's override path).
+    root: Url,
     repo: String,
     http: Http,
     auth: Auth,
     warned_no_range: AtomicBool,
     counters: crate::backend::EndpointCounters,
+    modes: RangeModes,
 }
 
 fn invalid_input(ctx: impl Into<String>, msg: &str) -> BackendError {
@@ -125,18 +142,43 @@ impl Registry {
             ));
         }
         let mut base = url.clone();
-        base.set_path("/");
+        base.set_path("/v2/");
+        Registry::endpoint(base, &repo, &opts)
+    }
+
+    /// The repository `repo` behind the API root `root` (`…/v2/`, or the
+    /// path a mirror's `override_path` gives).
+    pub fn endpoint(root: Url, repo: &str, opts: &RegistryOptions) -> Result<Registry, String> {
         if opts.timeout.is_zero() {
             return Err("the backend timeout must be positive".into());
         }
+        let mut root = root;
+        if !root.path().ends_with('/') {
+            let path = format!("{}/", root.path());
+            root.set_path(&path);
+        }
+        let mut base = root.clone();
+        base.set_path("/");
         Ok(Registry {
             base,
-            auth: Auth::new(opts.credentials.as_ref(), &repo),
-            repo,
-            http: Http::new(&opts),
+            root,
+            auth: Auth::new(opts.credentials.as_ref(), repo),
+            repo: repo.to_owned(),
+            http: Http::new(opts),
             warned_no_range: AtomicBool::new(false),
             counters: Default::default(),
+            modes: RangeModes::default(),
         })
+    }
+
+    /// The endpoint's name in metrics and logs: scheme and authority.
+    pub fn origin(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_owned()
+    }
+
+    /// Calls made and bytes received so far.
+    pub fn stats(&self) -> EndpointStats {
+        self.counters.snapshot(self.origin())
     }
 
     /// HTTP requests sent so far (every attempt, redirect hop and token
@@ -151,8 +193,8 @@ impl Registry {
     }
 
     fn blob_url(&self, digest: &str) -> Result<Url, BackendError> {
-        self.base
-            .join(&format!("v2/{}/blobs/{digest}", self.repo))
+        self.root
+            .join(&format!("{}/blobs/{digest}", self.repo))
             .map_err(|e| invalid_input("blob URL", &e.to_string()))
     }
 
@@ -213,43 +255,117 @@ impl Registry {
         size.ok_or_else(|| bad_response(reply, "no valid Content-Length".into()))
     }
 
-    /// One attempt at [`Backend::read_into`]: GET bytes `offset..=last`
-    /// into `dst` at the same offsets.
+    /// Writes at least bytes `[offset, offset + len)` of `digest` into
+    /// `dst`; returns what was written (the whole blob when the endpoint
+    /// ignores ranges). See `ranges` for how requests share that knowledge.
+    fn read_extent(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        dst: &File,
+    ) -> Result<(u64, u64), BackendError> {
+        let url = self.blob_url(digest)?;
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| invalid_input("range", "overflow"))?;
+        let ctx = format!("GET {url} bytes={offset}-{last}");
+        let file = ranges::file_id(dst);
+        let probe = match self.modes.enter(digest, file, self.http.timeout()) {
+            Turn::Whole(size) => return Ok((0, size)),
+            Turn::Probe => true,
+            Turn::Ranged => false,
+        };
+        let r = self.http.with_retries(&ctx, |deadline| {
+            self.get_range(&url, digest, (offset, last), dst, &ctx, deadline)
+        });
+        match (&r, probe) {
+            (Ok(Got::Whole(size)), true) => self.modes.whole_done(digest, file, *size),
+            (Ok(Got::Range), true) => self.modes.ranged(digest),
+            (Err(_), true) => self.modes.failed(digest),
+            _ => {}
+        }
+        r.map(|got| match got {
+            Got::Range => (offset, offset + len),
+            Got::Whole(size) => (0, size),
+        })
+    }
+
+    /// One attempt at a ranged GET of bytes `offset..=last` into `dst` at
+    /// the same offsets. A 200 (the endpoint ignores Range) with a length is
+    /// written whole, so none of it is fetched again.
     fn get_range(
         &self,
         url: &Url,
+        digest: &str,
         (offset, last): (u64, u64),
         dst: &File,
         ctx: &str,
         deadline: Instant,
-    ) -> Result<(), Failure> {
+    ) -> Result<Got, Failure> {
         let reply = self.send("GET", url, Some((offset, last)), deadline)?;
-        // How many body bytes precede `offset`.
-        let skip = match reply.resp.status() {
-            206 => match bytes_before(&reply.resp, offset) {
-                Some(skip) => skip,
-                None => {
+        let len = last - offset + 1;
+        match reply.resp.status() {
+            206 => {
+                let Some(skip) = bytes_before(&reply.resp, offset) else {
                     let cr = reply.resp.header("Content-Range").unwrap_or("").to_owned();
                     return Err(bad_response(
                         reply,
                         format!("206 with Content-Range {cr:?}"),
                     ));
-                }
-            },
-            200 => {
+                };
+                transport::copy_body(reply.resp, skip, dst, offset, len, ctx)?;
+                Ok(Got::Range)
+            }
+            200 => self.whole_body(reply, digest, (offset, len), dst, ctx),
+            s => Err(bad_response(reply, format!("HTTP {s} to a Range request"))),
+        }
+    }
+
+    /// A 200 to a Range request: the whole blob. With a Content-Length it is
+    /// written whole; without one, skipped to the range (slow, but right).
+    fn whole_body(
+        &self,
+        reply: Reply,
+        digest: &str,
+        (offset, len): (u64, u64),
+        dst: &File,
+        ctx: &str,
+    ) -> Result<Got, Failure> {
+        let total = reply
+            .resp
+            .header("Content-Length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let file_len = dst.metadata().map_or(0, |m| m.len());
+        match total {
+            Some(size) if size >= offset + len && size == file_len => {
+                self.modes.whole_started(digest);
+                log::info!(
+                    "{ctx}: the endpoint sent the whole blob ({size} bytes); keeping all of it"
+                );
+                transport::copy_body(reply.resp, 0, dst, 0, size, ctx)?;
+                Ok(Got::Whole(size))
+            }
+            _ => {
                 if !self.warned_no_range.swap(true, Ordering::Relaxed) {
                     log::warn!(
-                        "{ctx}: the server ignored Range and sent the whole blob; \
-                         skipping to the offset (slow)"
+                        "{ctx}: the server ignored Range and sent the whole blob without a \
+                         usable length; skipping to the offset (slow)"
                     );
                 }
-                offset
+                transport::copy_body(reply.resp, offset, dst, offset, len, ctx)?;
+                Ok(Got::Range)
             }
-            s => return Err(bad_response(reply, format!("HTTP {s} to a Range request"))),
-        };
-        let len = last - offset + 1;
-        transport::copy_body(reply.resp, skip, dst, offset, len, ctx)
+        }
     }
+}
+
+/// What a ranged GET wrote.
+enum Got {
+    /// The range asked for.
+    Range,
+    /// The whole blob, of this size.
+    Whole(u64),
 }
 
 /// A fatal failure for a 2xx answer the backend cannot use.
@@ -276,19 +392,23 @@ impl Backend for Registry {
     }
 
     fn read_into(&self, id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+        self.read_into_extent(id, offset, len, dst).map(|_| ())
+    }
+
+    fn read_into_extent(
+        &self,
+        id: &str,
+        offset: u64,
+        len: u64,
+        dst: &File,
+    ) -> Result<(u64, u64), BackendError> {
         if len == 0 {
-            return Ok(());
+            return Ok((offset, offset));
         }
         let digest = Self::digest_of(id)?;
-        let url = self.blob_url(&digest)?;
-        let last = offset
-            .checked_add(len - 1)
-            .ok_or_else(|| invalid_input("range", "overflow"))?;
-        let ctx = format!("GET {url} bytes={offset}-{last}");
-        let r = self.http.with_retries(&ctx, |deadline| {
-            self.get_range(&url, (offset, last), dst, &ctx, deadline)
-        });
-        self.counters.record(&r, len);
+        let r = self.read_extent(&digest, offset, len, dst);
+        let got = r.as_ref().map_or(0, |(a, b)| b - a);
+        self.counters.record(&r, got);
         r
     }
 
@@ -306,8 +426,7 @@ impl Backend for Registry {
     }
 
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
-        let origin = self.base.as_str().trim_end_matches('/').to_owned();
-        vec![self.counters.snapshot(origin)]
+        vec![self.stats()]
     }
 }
 

@@ -79,12 +79,22 @@ pub(super) struct Http {
     retries: u32,
     backoff: Duration,
     requests: AtomicU64,
+    /// Extra headers for the endpoint (hosts.toml `header`), sent only to
+    /// its own origin.
+    headers: Vec<(String, String)>,
 }
 
 impl Http {
     /// A client for `opts` (whose timeout must be positive).
     pub fn new(opts: &RegistryOptions) -> Http {
-        let agent = ureq::AgentBuilder::new()
+        let mut builder = ureq::AgentBuilder::new();
+        if let Some(p) = &opts.proxy {
+            match ureq::Proxy::new(p) {
+                Ok(proxy) => builder = builder.proxy(proxy),
+                Err(e) => log::warn!("proxy {}: {e}; connecting directly", redact_str(p)),
+            }
+        }
+        let agent = builder
             // Redirects are followed by hand: see `follow`.
             .redirects(0)
             .timeout_connect(opts.timeout)
@@ -95,12 +105,18 @@ impl Http {
             .build();
         Http {
             agent,
+            headers: opts.headers.clone(),
             timeout: opts.timeout,
             call_budget: opts.call_budget,
             retries: opts.retries,
             backoff: opts.backoff,
             requests: AtomicU64::new(0),
         }
+    }
+
+    /// The per-request deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// HTTP requests sent so far.
@@ -188,12 +204,15 @@ impl Http {
         let mut hops = 0;
         loop {
             let on_origin = same_origin(&target, origin);
-            let mut headers = Vec::with_capacity(2);
+            let mut headers = Vec::with_capacity(2 + self.headers.len());
             if let Some(r) = &range {
                 headers.push(("Range", r.as_str()));
             }
             if let (true, Some(a)) = (on_origin, auth) {
                 headers.push(("Authorization", a));
+            }
+            if on_origin {
+                headers.extend(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             }
             let resp = self.call(method, &target, &headers, deadline)?;
             if !matches!(resp.status(), 301 | 302 | 303 | 307 | 308) {
@@ -239,6 +258,11 @@ fn next_hop(resp: ureq::Response, from: &Url, hops: u32) -> Result<Url, Failure>
             Err(redirect(RedirectProblem::BadLocation(shown)))
         }
     }
+}
+
+/// A proxy URL for logs: without user info.
+fn redact_str(u: &str) -> String {
+    Url::parse(u).map_or_else(|_| "(unparsable)".to_owned(), |u| redact(&u))
 }
 
 /// The failure for a final answer that is neither 2xx nor handled by the

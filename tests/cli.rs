@@ -676,3 +676,38 @@ fn status_reads_sock_dot_metrics_or_the_endpoint_given() {
     let err = one_line_failure(&run(&["status", "--metrics", "nonsense"]));
     assert!(err.contains("--metrics"), "{err}");
 }
+
+#[test]
+fn status_summarises_a_real_daemon_on_sock_dot_metrics_and_on_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let mut d = Serve::standard(&["--metrics", &tcp]);
+    d.add_blob("counted", &pattern(5000, 6));
+    let sock = d.sock();
+    for _ in 0..2 {
+        let o = run(&["cat", "--sock", &sock, "counted"]);
+        assert_eq!(o.stdout.len(), 5000, "{}", stderr(&o));
+    }
+    let pid = d.child.as_ref().unwrap().id();
+    for args in [["--sock", sock.as_str()], ["--metrics", tcp.as_str()]] {
+        let o = run(&["status", args[0], args[1]]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let out = stdout(&o);
+        let first = out.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(&format!("blobmgr {}", env!("CARGO_PKG_VERSION"))),
+            "{out}"
+        );
+        assert!(first.contains(&format!(", pid {pid}, up ")), "{out}");
+        assert!(out.contains("(no limit), 1 blobs"), "{out}");
+        assert!(!out.contains("hit ratio        n/a"), "{out}");
+    }
+    d.stop();
+    assert!(
+        !Path::new(&format!("{sock}.metrics")).exists(),
+        "metrics socket left behind"
+    );
+}

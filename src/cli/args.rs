@@ -6,6 +6,7 @@
 //! under the long flags' names, so a key and its flag can never drift apart.
 
 use crate::cli::size::Size;
+use blobmgr::metrics::http::MetricsAddr;
 use clap::{Args, Parser, Subcommand};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -240,6 +241,10 @@ pub struct ServeOptions {
     /// File holding the registry password (else $BLOBMGR_REGISTRY_PASSWORD)
     #[arg(long, value_name = "PATH")]
     pub registry_password_file: Option<PathBuf>,
+    /// Also serve GET /metrics on HOST:PORT or unix:PATH (repeatable); <sock>.metrics always is
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default)]
+    pub metrics: Vec<MetricsEndpoint>,
 }
 
 impl ServeOptions {
@@ -266,6 +271,11 @@ impl ServeOptions {
             backend_retries: self.backend_retries.or(file.backend_retries),
             registry_user: self.registry_user.or(file.registry_user),
             registry_password_file: self.registry_password_file.or(file.registry_password_file),
+            metrics: if self.metrics.is_empty() {
+                file.metrics
+            } else {
+                self.metrics
+            },
         }
     }
 }
@@ -282,6 +292,17 @@ impl FromStr for OctalMode {
             .filter(|m| *m <= 0o777 && !s.starts_with('+'))
             .map(OctalMode)
             .ok_or_else(|| format!("{s:?} is not an octal mode such as 0660"))
+    }
+}
+
+/// A metrics endpoint, `HOST:PORT` or `unix:PATH` (the library's syntax).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsEndpoint(pub MetricsAddr);
+
+impl FromStr for MetricsEndpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MetricsEndpoint, String> {
+        s.parse().map(MetricsEndpoint)
     }
 }
 
@@ -345,6 +366,15 @@ impl<'de> Deserialize<'de> for OctalMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OctalMode, D::Error> {
         d.deserialize_str(ParseVisitor(
             "an octal mode as a string, e.g. \"0660\"",
+            Default::default(),
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsEndpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MetricsEndpoint, D::Error> {
+        d.deserialize_str(ParseVisitor(
+            "an address as a string: \"HOST:PORT\" or \"unix:PATH\"",
             Default::default(),
         ))
     }

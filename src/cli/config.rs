@@ -101,7 +101,8 @@ mod tests {
             "sock = \"s\"\nworkdir = \"w\"\nbackend = \"b\"\nworkers = 2\nmax-conns = 9\n\
              granule = \"64K\"\ncache-size = 1048576\nsock-mode = \"0660\"\n\
              sock-group = 100\nallow-uid = [1000, 1001]\nbackend-timeout = 2.5\n\
-             backend-retries = 1\nregistry-user = \"u\"\nregistry-password-file = \"p\"\n",
+             backend-retries = 1\nregistry-user = \"u\"\nregistry-password-file = \"p\"\n\
+             metrics = [\"127.0.0.1:9100\", \"unix:/run/m.sock\"]\n",
         )
         .unwrap();
         assert_eq!(c.workers, Some(2));
@@ -111,6 +112,7 @@ mod tests {
         assert_eq!(c.sock_group.map(|g| g.0), Some("100".into()));
         assert_eq!(c.allow_uid, vec![1000, 1001]);
         assert_eq!(c.backend_timeout.map(|s| s.0), Some(2.5));
+        assert_eq!(c.metrics.len(), 2);
         // Integers are accepted where a float is meant.
         assert_eq!(
             parse("backend-timeout = 3")
@@ -146,6 +148,10 @@ mod tests {
             ("sock = \"s\"\nworkdir = \n", "2: "),
             ("config = \"other.toml\"\n", "1: config: unknown key"),
             ("[serve]\nsock = \"s\"\n", "1: serve: unknown key"),
+            (
+                "metrics = [\"nowhere\"]\n",
+                "1: metrics: \"nowhere\" is not HOST:PORT",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(text).expect_err(text);

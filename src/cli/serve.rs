@@ -1,15 +1,18 @@
 //! `blobmgr serve`: turns the options (flags over the config file) into a
 //! `ServerConfig` and a backend, then runs the daemon until SIGTERM/SIGINT.
+//! The metrics endpoint is always served on `<sock>.metrics`, and also on
+//! every `--metrics` address.
 
 use crate::cli::args::{ServeOptions, DEFAULT_BACKEND, DEFAULT_SOCK, DEFAULT_WORKDIR};
 use crate::cli::{config, Fail};
 use blobmgr::backend::{Backend, LocalFs};
+use blobmgr::metrics::http::MetricsAddr;
 use blobmgr::registry::{Registry, RegistryOptions};
 use blobmgr::{Server, ServerConfig};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +68,22 @@ fn server_config(o: &ServeOptions) -> Result<ServerConfig, Fail> {
         cfg.backend_timeout = Duration::from_secs_f64(secs.0);
     }
     cfg.allow_uids.extend(&o.allow_uid);
+    cfg.metrics = metrics_endpoints(&cfg.sock, o);
     Ok(cfg)
+}
+
+/// `<sock>.metrics`, which every daemon serves (so `blobmgr status --sock`
+/// always finds it), then each `--metrics` address.
+fn metrics_endpoints(sock: &Path, o: &ServeOptions) -> Vec<MetricsAddr> {
+    let mut path = sock.as_os_str().to_owned();
+    path.push(".metrics");
+    let mut all = vec![MetricsAddr::Unix(path.into())];
+    for m in &o.metrics {
+        if !all.contains(&m.0) {
+            all.push(m.0.clone());
+        }
+    }
+    all
 }
 
 /// A gid, given as one or as a group name.

@@ -1,6 +1,7 @@
 //! Build script: puts the git commit the binary is built from into
 //! `--version` (`BLOBMGR_VERSION`, e.g. "0.1.0 (commit 1a2b3c4)") and into
-//! `BLOBMGR_GIT_COMMIT` (empty outside a git checkout or without git).
+//! `BLOBMGR_GIT_COMMIT` (the metrics' `blobmgr_info{commit}`; unset outside
+//! a git checkout or without git).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,7 +37,10 @@ fn main() {
         format!("{version} (commit {commit})")
     };
     println!("cargo:rustc-env=BLOBMGR_VERSION={long}");
-    println!("cargo:rustc-env=BLOBMGR_GIT_COMMIT={commit}");
+    // Unset when unknown: the metrics' `option_env!` then says "unknown".
+    if !commit.is_empty() {
+        println!("cargo:rustc-env=BLOBMGR_GIT_COMMIT={commit}");
+    }
 }
 
 /// Watches a path git names (relative to the package root), if it exists:

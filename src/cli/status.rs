@@ -122,7 +122,7 @@ impl Summary {
         if let Some((l, _)) = samples(s, "blobmgr_info").next() {
             let get = |k| label(l, k).map(str::to_string);
             sum.info.version = get("version");
-            sum.info.commit = get("commit").filter(|c| !c.is_empty());
+            sum.info.commit = get("commit").filter(|c| !c.is_empty() && c != "unknown");
             sum.info.pid = get("pid");
         }
         sum.info.start_time = total(s, "blobmgr_start_time_seconds");

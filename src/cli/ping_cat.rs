@@ -1,0 +1,52 @@
+//! `blobmgr ping` and `blobmgr cat`: one request to the daemon each, through
+//! the client library.
+
+use crate::cli::args::{CatArgs, SockArg};
+use crate::cli::{cli_client, emit, Fail};
+use std::io::{self, Write};
+
+/// One Noop round trip: prints `ok N us`.
+pub fn ping(a: SockArg) -> Result<(), Fail> {
+    let client = cli_client(&a.sock)?;
+    let rtt = client.ping().map_err(|e| Fail(format!("ping: {e}")))?;
+    emit(format!("ok {} us\n", rtt.as_micros()).as_bytes())
+}
+
+/// GetBlob, then FetchRange and reads through the fd, to standard output.
+pub fn cat(a: CatArgs) -> Result<(), Fail> {
+    let client = cli_client(&a.sock.sock)?;
+    let id = &a.id;
+    let blob = client
+        .get_blob(id)
+        .map_err(|e| Fail(format!("GetBlob {id}: {e}")))?;
+    let offset = a.offset.0;
+    let end = match a.length {
+        Some(len) => offset.saturating_add(len.0).min(blob.size()),
+        None => blob.size(),
+    };
+    if offset > blob.size() {
+        return Err(Fail(format!(
+            "--offset {offset} is past the end of {id} ({} bytes)",
+            blob.size()
+        )));
+    }
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = offset;
+    while at < end {
+        let want = ((end - at) as usize).min(buf.len());
+        let n = client
+            .read_at(&blob, &mut buf[..want], at)
+            .map_err(|e| Fail(format!("read {id} at {at}: {e}")))?;
+        if n == 0 {
+            return Err(Fail(format!("{id}: no bytes at offset {at}")));
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| Fail(format!("write to stdout: {e}")))?;
+        at += n as u64;
+    }
+    out.flush()
+        .map_err(|e| Fail(format!("write to stdout: {e}")))?;
+    Ok(())
+}

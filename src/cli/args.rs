@@ -245,6 +245,16 @@ pub struct ServeOptions {
     #[arg(long, value_name = "ADDR")]
     #[serde(default)]
     pub metrics: Vec<MetricsEndpoint>,
+    /// Registry hosts in containerd's certs.d layout (DIR/HOST[:PORT]/hosts.toml): mirrors for references
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
+    /// Docker config.json with registry credentials [default: $DOCKER_CONFIG/config.json, ~/.docker/config.json]
+    #[arg(long, value_name = "PATH")]
+    pub docker_config: Option<PathBuf>,
+    /// Registry hosts references may name (repeatable; `*` matches one label: *.example.com, 127.0.0.1:5000) [default: any]
+    #[arg(long, value_name = "PATTERN")]
+    #[serde(default)]
+    pub allow_registry: Vec<String>,
 }
 
 impl ServeOptions {
@@ -275,6 +285,13 @@ impl ServeOptions {
                 file.metrics
             } else {
                 self.metrics
+            },
+            hosts_dir: self.hosts_dir.or(file.hosts_dir),
+            docker_config: self.docker_config.or(file.docker_config),
+            allow_registry: if self.allow_registry.is_empty() {
+                file.allow_registry
+            } else {
+                self.allow_registry
             },
         }
     }

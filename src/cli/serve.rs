@@ -6,8 +6,14 @@
 use crate::cli::args::{ServeOptions, DEFAULT_BACKEND, DEFAULT_SOCK, DEFAULT_WORKDIR};
 use crate::cli::{config, Fail};
 use blobmgr::backend::{Backend, LocalFs};
+use blobmgr::credentials::{Credentials, Env as CredentialEnv};
+use blobmgr::hosts::HostsDir;
 use blobmgr::metrics::http::MetricsAddr;
-use blobmgr::registry::{Registry, RegistryOptions};
+use blobmgr::reference::AllowList;
+use blobmgr::registry::proxy::ProxyEnv;
+use blobmgr::registry::registries::DEFAULT_COOL_DOWN;
+use blobmgr::registry::{Registries, RegistriesConfig, Registry, RegistryOptions};
+use blobmgr::source::SharedBackend;
 use blobmgr::{Server, ServerConfig};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -29,8 +35,9 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         }
         None => flags,
     };
-    let cfg = server_config(&opts)?;
+    let mut cfg = server_config(&opts)?;
     let backend = backend(&opts, cfg.backend_timeout)?;
+    cfg.references = Some(references(&opts, cfg.backend_timeout)?);
     run_server(cfg, backend)
 }
 
@@ -127,16 +134,59 @@ fn backend(o: &ServeOptions, call_timeout: Duration) -> Result<Arc<dyn Backend>,
     Ok(Arc::new(LocalFs::new(dir)))
 }
 
-/// `--backend http(s)://HOST[:PORT]/REPOSITORY` and its options.
-fn registry_backend(url: &str, o: &ServeOptions, call_timeout: Duration) -> Result<Registry, Fail> {
+/// Timeouts and retries of registry requests: a backend call and its
+/// retries end before the server gives up on it, so the requests waiting on
+/// it get the backend's own error.
+fn registry_options(o: &ServeOptions, call_timeout: Duration) -> RegistryOptions {
     let mut opts = RegistryOptions::default();
-    // A backend call and its retries end before the server gives up on it,
-    // so the requests waiting on it get the backend's own error.
     let margin = (call_timeout / 10).min(Duration::from_secs(1));
     opts.call_budget = Some(call_timeout - margin);
     opts.timeout = opts.timeout.min(call_timeout);
     if let Some(n) = o.backend_retries {
         opts.retries = n;
+    }
+    opts
+}
+
+/// The backend of references: `--hosts-dir`, Docker's credentials, the
+/// proxy variables, and `--allow-registry`.
+fn references(
+    o: &ServeOptions,
+    call_timeout: Duration,
+) -> Result<(SharedBackend, AllowList), Fail> {
+    let allow =
+        AllowList::parse(&o.allow_registry).map_err(|e| Fail(format!("--allow-registry {e}")))?;
+    let env = CredentialEnv::from_process();
+    let credentials = Credentials::load(o.docker_config.as_deref(), &env)
+        .map_err(|e| Fail(format!("--docker-config: {e}")))?;
+    if let Some(p) = credentials.source() {
+        log::info!("registry credentials from {}", p.display());
+    }
+    let hosts = o.hosts_dir.as_ref().map(HostsDir::new);
+    if let Some(d) = &hosts {
+        if !d.root().is_dir() {
+            return Err(Fail(format!(
+                "--hosts-dir {}: not a directory",
+                d.root().display()
+            )));
+        }
+    }
+    let options = registry_options(o, call_timeout);
+    let registries = Registries::new(RegistriesConfig {
+        hosts,
+        credentials,
+        options,
+        proxy: ProxyEnv::from_process(),
+        cool_down: DEFAULT_COOL_DOWN,
+    });
+    Ok((SharedBackend(Arc::new(registries)), allow))
+}
+
+/// `--backend http(s)://HOST[:PORT]/REPOSITORY` and its options.
+fn registry_backend(url: &str, o: &ServeOptions, call_timeout: Duration) -> Result<Registry, Fail> {
+    let mut opts = registry_options(o, call_timeout);
+    if let Ok(u) = url::Url::parse(url) {
+        opts.proxy = ProxyEnv::from_process().for_url(&u);
     }
     let password = match &o.registry_password_file {
         Some(path) => {

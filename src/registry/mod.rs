@@ -20,10 +20,13 @@
 
 mod auth;
 mod digest;
+pub mod proxy;
 mod ranges;
+pub mod registries;
 mod transport;
 
 pub use digest::canonical_digest;
+pub use registries::{Registries, RegistriesConfig};
 
 use crate::backend::{Backend, BackendError, EndpointStats};
 use auth::Auth;

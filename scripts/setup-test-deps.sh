@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine and nothing
 # else: the CNCF distribution registry (package docker-registry) for the
-# registry backend tests, and util-linux's setpriv for the peer-uid tests.
+# registry backend tests, apache2-utils' htpasswd for the registries with
+# basic auth (bcrypt htpasswd entries), and util-linux's setpriv for the
+# peer-uid tests.
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -14,7 +17,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # --no-install-recommends: the registry binary only, no service is started.
+  # --no-install-recommends: the registry binary and htpasswd only, no
+  # service is started.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # A distro package may start its own registry service; the tests start their own.

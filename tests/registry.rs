@@ -10,11 +10,9 @@
 mod common;
 
 use common::{
-    pattern, serve_data, sha256, wait_until, Blob, Daemon, FakeHttp, Raw, Req, Resp, Rng,
+    digest_hex, pattern, serve_data, sha256, Blob, Daemon, FakeHttp, Raw, Registry, Req, Resp, Rng,
 };
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,14 +27,6 @@ const FETCH_FAILED: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOENT: u32 = 2;
 const EIO: u32 = 5;
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn digest_hex(data: &[u8]) -> String {
-    hex(&sha256(data))
-}
 
 // ---------------------------------------------------------------------------
 // Talking to the daemon
@@ -54,188 +44,6 @@ fn pull_all(raw: &mut Raw, b: &Blob, expect: &[u8]) {
     let got = b.read(0, size);
     assert!(got == expect, "pulled bytes differ from the source");
     assert_eq!(sha256(&got), sha256(expect));
-}
-
-// ---------------------------------------------------------------------------
-// A real registry
-
-struct Registry {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn registry_available() -> bool {
-    Command::new("docker-registry")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .redirects(0)
-        .build()
-}
-
-impl Registry {
-    fn start() -> Registry {
-        assert!(
-            registry_available(),
-            "docker-registry is not installed: run scripts/setup-test-deps.sh"
-        );
-        let mut r = Registry {
-            child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-            port: free_port("127.0.0.1"),
-        };
-        r.spawn();
-        r
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("registry.log")
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn url(&self, repo: &str) -> String {
-        format!("{}/{repo}", self.base())
-    }
-
-    /// Starts (or restarts) the registry on the same port and storage.
-    fn spawn(&mut self) {
-        let config = self.dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\n\
-                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{}\n",
-                self.dir.path().join("storage").display(),
-                self.port
-            ),
-        )
-        .expect("write config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("registry log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn docker-registry");
-        self.child = Some(child);
-        let (a, base) = (agent(), self.base());
-        let child = self.child.as_mut().expect("registry spawned");
-        let mut exited = None;
-        let done = wait_until(Duration::from_secs(20), || {
-            if let Ok(r) = a.get(&format!("{base}/v2/")).call() {
-                if r.status() == 200 {
-                    return true;
-                }
-            }
-            exited = child.try_wait().ok().flatten();
-            exited.is_some()
-        });
-        if let Some(st) = exited {
-            panic!("docker-registry exited ({st}): {}", self.log());
-        }
-        assert!(done, "docker-registry not ready after 20 s: {}", self.log());
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Pushes `data` as a blob of `repo` through the upload API; returns
-    /// its digest's hex.
-    fn push(&self, repo: &str, data: &[u8]) -> String {
-        let hex = digest_hex(data);
-        let a = agent();
-        let resp = a
-            .post(&format!("{}/v2/{repo}/blobs/uploads/", self.base()))
-            .send_bytes(&[])
-            .expect("start upload");
-        assert_eq!(resp.status(), 202);
-        let loc = resp
-            .header("Location")
-            .expect("upload Location")
-            .to_string();
-        let loc = url::Url::parse(&self.base())
-            .and_then(|b| b.join(&loc))
-            .expect("upload URL");
-        let sep = if loc.query().is_some() { '&' } else { '?' };
-        let resp = a
-            .put(&format!("{loc}{sep}digest=sha256:{hex}"))
-            .set("Content-Type", "application/octet-stream")
-            .send_bytes(data)
-            .expect("finish upload");
-        assert_eq!(resp.status(), 201);
-        hex
-    }
-
-    /// Blob GETs of `hex` in the access log, once the log has caught up
-    /// (see [`Registry::sync_log`]).
-    fn blob_gets(&self, repo: &str, hex: &str) -> usize {
-        self.sync_log();
-        let needle = format!("\"GET /v2/{repo}/blobs/sha256:{hex} ");
-        self.log().lines().filter(|l| l.contains(&needle)).count()
-    }
-
-    /// Waits for the access log to catch up with the requests answered so
-    /// far. The registry writes a request's line when its handler returns,
-    /// which can be after the client has the whole body (the daemon may have
-    /// answered the test already). So: a request of our own, on a connection
-    /// of its own, made after those responses were complete, and wait for its
-    /// line. (Connections are handled concurrently, so this orders the lines
-    /// as far as an earlier handler, whose response was already sent, returns
-    /// before a whole new request has been served and logged.)
-    fn sync_log(&self) {
-        static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let mark = format!("log-mark={}", MARK.fetch_add(1, Ordering::Relaxed));
-        agent()
-            .get(&format!("{}/v2/?{mark}", self.base()))
-            .call()
-            .expect("registry answers /v2/");
-        assert!(
-            wait_until(Duration::from_secs(10), || self.log().contains(&mark)),
-            "the registry never logged {mark}: {}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -29,6 +29,13 @@ pub struct Daemon {
     pub extra: Vec<String>,
     /// Environment variables set for the process.
     pub env: Vec<(String, String)>,
+    /// Environment variables removed from the process's environment
+    /// (before `env` is applied).
+    pub env_remove: Vec<String>,
+    /// Whether `--backend <backend>` is passed (default). Without it the
+    /// daemon runs in the temp dir, so its default backend directory
+    /// (relative) lands there.
+    pub backend_arg: bool,
     /// Keeps the temp dir alive for the daemon's whole life (and restarts).
     pub dir: Option<tempfile::TempDir>,
     pub log: PathBuf,
@@ -56,6 +63,8 @@ impl Daemon {
             backend,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            env_remove: Vec::new(),
+            backend_arg: true,
             log: dir.path().join("daemon.log"),
             dir: Some(dir),
         }
@@ -97,14 +106,20 @@ impl Daemon {
                 c
             }
         };
-        let child = cmd
-            .arg("serve")
+        cmd.arg("serve")
             .arg("--sock")
             .arg(&self.sock)
             .arg("--workdir")
-            .arg(&self.workdir)
-            .arg("--backend")
-            .arg(&self.backend)
+            .arg(&self.workdir);
+        if self.backend_arg {
+            cmd.arg("--backend").arg(&self.backend);
+        } else if let Some(dir) = &self.dir {
+            cmd.current_dir(dir.path());
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
+        let child = cmd
             .args(&self.extra)
             .env(
                 "RUST_LOG",

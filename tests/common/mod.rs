@@ -7,6 +7,12 @@
 //! - `inproc.rs`: [`InProc`], the server on a thread of this process, with
 //!   any backend or driven by a host event loop.
 //! - `http.rs`: [`FakeHttp`], a loopback HTTP server that logs every request.
+//! - `registry.rs`: [`Registry`], a real OCI registry (`docker-registry`):
+//!   anonymous, basic auth or a pull-through mirror; push, access-log
+//!   counts, kill and restart.
+//! - `proxy.rs`: [`HttpProxy`], a forwarding HTTP proxy that counts per target.
+//! - `regfiles.rs`: [`CredHelper`] (a `docker-credential-*` script),
+//!   [`DockerConfig`] (config.json), [`HostsToml`] (containerd hosts.toml).
 //! - `rng.rs`: [`Rng`], the seeded generator (`BLOBMGR_TEST_SEED`), and
 //!   [`pattern`], deterministic blob data.
 //! - `wait.rs`: [`wait_until`] and the blocking waits; no test sleeps to
@@ -18,14 +24,23 @@
 mod daemon;
 mod http;
 mod inproc;
+mod proxy;
 mod raw;
+mod regfiles;
+mod registry;
 mod rng;
 mod wait;
 
 pub use daemon::{bin, Daemon, DAEMON_WAIT};
 pub use http::{serve_data, FakeHttp, Req, Resp};
 pub use inproc::InProc;
+pub use proxy::{HttpProxy, Proxied};
 pub use raw::{header, pread, unread_by_peer, Blob, Raw, REPLY_TIMEOUT};
+pub use regfiles::{CredHelper, DockerConfig, HostsToml};
+pub use registry::{
+    agent, basic_header, bcrypt_entry, digest_hex, free_port, hex, malformed_references,
+    registry_available, Access, Registry, REGISTRY_WAIT,
+};
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
 pub use wait::{wait_exit, wait_until, wait_writable, Gate};
 

@@ -27,6 +27,7 @@ const FETCH_FAILED: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOENT: u32 = 2;
 const EIO: u32 = 5;
+const EACCES: u32 = 13;
 
 // ---------------------------------------------------------------------------
 // Talking to the daemon
@@ -435,16 +436,17 @@ fn basic_auth_with_the_password_from_the_environment() {
         let b = raw.open(1, &id).expect("GetBlob with basic auth");
         pull_all(&mut raw, &b, &data);
     }
-    // Wrong or missing credentials: GetBlob fails with EIO (not ENOENT).
+    // Wrong or missing credentials: GetBlob fails with EACCES (neither
+    // ENOENT nor a generic EIO), so a client can tell what to fix.
     {
         let d = daemon_with_env(
             &url,
             &["--registry-user", "admin"],
             &[("BLOBMGR_REGISTRY_PASSWORD", "wrong")],
         );
-        assert_eq!(d.raw().open(1, &id).err(), Some(EIO));
+        assert_eq!(d.raw().open(1, &id).err(), Some(EACCES));
         let d = daemon_with(&url, &[]);
-        assert_eq!(d.raw().open(1, &id).err(), Some(EIO));
+        assert_eq!(d.raw().open(1, &id).err(), Some(EACCES));
     }
     // The password never comes from the command line.
     let out = Command::new(common::bin())

@@ -104,6 +104,8 @@ impl OpenError {
     pub fn errno(&self) -> Errno {
         match self {
             OpenError::NotFound => Errno::NoEnt,
+            OpenError::Backend(BackendError::NotFound) => Errno::NoEnt,
+            OpenError::Backend(BackendError::AccessDenied { .. }) => Errno::Access,
             OpenError::Backend(_) | OpenError::File { .. } => Errno::Io,
         }
     }

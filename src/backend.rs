@@ -133,6 +133,19 @@ impl fmt::Display for BackendError {
     }
 }
 
+impl BackendError {
+    /// Whether writing the cache file ran out of space (ENOSPC).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            BackendError::Io(_, e) => {
+                e.kind() == io::ErrorKind::StorageFull
+                    || e.raw_os_error() == Some(nix::libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Error for BackendError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {

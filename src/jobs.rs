@@ -31,6 +31,8 @@ pub enum JobKind {
         g0: u64,
         n: u64,
         source: Source,
+        /// A retry after ENOSPC and an eviction (there is one at most).
+        retried: bool,
     },
     /// Delete the files of evicted blob `id`.
     Delete { id: String },

@@ -79,6 +79,9 @@ impl Serve {
         let child = Command::new(bin())
             .arg("serve")
             .args(args)
+            // Independent of how full this machine's disk is (the default
+            // watermark is 10 % of it).
+            .args(["--min-free", "0"])
             .current_dir(dir)
             .env_remove("BLOBMGR_SOCK")
             .stdin(Stdio::null())

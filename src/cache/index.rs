@@ -3,6 +3,7 @@
 //! least-recently-used order and the byte limit, and the breaker that stops
 //! calling a backend that hung on a blob. No I/O happens here.
 
+use super::disk::DiskWatch;
 use super::{scan_data_dir, Blob, CacheConfig};
 use crate::jobs::JobId;
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +25,9 @@ pub enum Plan {
     OutOfRange,
     /// The backend hung on this blob recently: fail without waiting.
     Unavailable,
+    /// The fills would take the file system below `--min-free`, even after
+    /// evicting what may be evicted: fail without starting them.
+    NoSpace,
     /// `count` bytes become valid once the fills in flight that the range
     /// needs (`waiting_on`) and the new runs of granules `(g0, n)` (`runs`,
     /// to be started and recorded with [`Index::fill_started`]) are done.
@@ -73,8 +77,29 @@ pub struct Index {
     clock: u64,
     /// Ids whose files are to be deleted (see [`Index::take_evictions`]).
     evicted: Vec<String>,
-    /// Blobs evicted since start.
-    evictions: u64,
+    /// Blobs evicted since start, by cause.
+    evictions: Evictions,
+    /// The free-space watermark, if one is kept.
+    disk: Option<DiskWatch>,
+}
+
+/// Why a blob was evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// Over `--cache-size`.
+    Size,
+    /// To keep `--min-free` free before a fill.
+    MinFree,
+    /// A fill hit ENOSPC.
+    NoSpace,
+}
+
+/// Evictions since start, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evictions {
+    pub size: u64,
+    pub min_free: u64,
+    pub no_space: u64,
 }
 
 impl Index {
@@ -96,14 +121,15 @@ impl Index {
             }
         }
         Index {
-            cfg,
+            cfg: cfg.clone(),
             by_id: HashMap::new(),
             blobs: slab::Slab::new(),
             cold,
             used,
             clock,
             evicted: Vec::new(),
-            evictions: 0,
+            evictions: Evictions::default(),
+            disk: cfg.min_free.map(|m| DiskWatch::new(cfg.workdir.clone(), m)),
         }
     }
 
@@ -186,8 +212,8 @@ impl Index {
         std::mem::take(&mut self.evicted)
     }
 
-    /// Blobs evicted since start.
-    pub fn evictions(&self) -> u64 {
+    /// Blobs evicted since start, by cause.
+    pub fn evictions(&self) -> Evictions {
         self.evictions
     }
 
@@ -200,6 +226,80 @@ impl Index {
     /// impossible, or the fills it must wait for. `now` is asked only when
     /// the blob is in a cool-down.
     pub fn plan(
+        &mut self,
+        key: BlobKey,
+        start: u64,
+        count: u64,
+        now: impl FnOnce() -> Instant,
+    ) -> Plan {
+        let plan = self.plan_fills(key, start, count, now);
+        let Plan::Wait { runs, .. } = &plan else {
+            return plan;
+        };
+        if runs.is_empty() || self.disk.is_none() {
+            return plan;
+        }
+        let g = self.cfg.granule;
+        let size = self.blob(key).map_or(0, |b| b.size());
+        let need: u64 = runs
+            .iter()
+            .map(|&(g0, n)| ((g0 + n) * g).min(size).saturating_sub(g0 * g))
+            .sum();
+        if !self.make_room(need, Cause::MinFree) {
+            let id = self.blob(key).map_or("?", |b| b.id());
+            log::warn!("blob {id}: {need} bytes do not fit above --min-free; failing the fetch");
+            return Plan::NoSpace;
+        }
+        plan
+    }
+
+    /// Evicts least recently used blobs until `need` more bytes keep the
+    /// file system above `--min-free`, and counts them as planned. False if
+    /// they cannot fit even then.
+    fn make_room(&mut self, need: u64, cause: Cause) -> bool {
+        let now = Instant::now();
+        let Some(disk) = self.disk.as_mut() else {
+            return true;
+        };
+        let mut short = disk.shortfall(need, now);
+        if short > 0 {
+            // Before evicting or refusing, a fresh figure: space may have
+            // been freed (or the file system grown) since the last one.
+            disk.invalidate();
+            short = disk.shortfall(need, now);
+        }
+        while short > 0 {
+            if self.evict_one(cause).is_none() {
+                return false;
+            }
+            match self.disk.as_mut() {
+                Some(disk) => short = disk.shortfall(need, now),
+                None => return true,
+            }
+        }
+        if let Some(disk) = self.disk.as_mut() {
+            disk.plan(need);
+        }
+        true
+    }
+
+    /// A fill hit ENOSPC: the file system is fuller than the last figure
+    /// said. Evicts for `need` bytes; true if anything was evicted (so a
+    /// retry may succeed).
+    pub fn no_space(&mut self, need: u64) -> bool {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.invalidate();
+        }
+        let before = self.evictions.no_space;
+        if self.disk.is_some() {
+            self.make_room(need, Cause::NoSpace);
+        } else if self.evict_one(Cause::NoSpace).is_some() {
+            return true;
+        }
+        self.evictions.no_space > before
+    }
+
+    fn plan_fills(
         &mut self,
         key: BlobKey,
         start: u64,
@@ -339,25 +439,45 @@ impl Index {
         }
         let target = limit - limit / 10;
         while self.used > target {
-            let Some((key, id)) = self.lru_victim() else {
+            if self.evict_one(Cause::Size).is_none() {
                 log::warn!(
                     "cache holds {} bytes, over its limit of {limit}, but every blob is in use",
                     self.used
                 );
                 return;
-            };
-            let bytes = match key {
-                Some(k) => {
-                    self.by_id.remove(&id);
-                    self.blobs.remove(k).bytes
-                }
-                None => self.cold.remove(&id).map_or(0, |c| c.bytes),
-            };
-            self.used -= bytes.min(self.used);
-            log::info!("evicting blob {id} ({bytes} bytes) to stay under the cache limit");
-            self.evicted.push(id);
-            self.evictions += 1;
+            }
         }
+    }
+
+    /// Evicts the least recently used blob no one holds; returns its bytes,
+    /// or `None` if every blob is in use.
+    fn evict_one(&mut self, cause: Cause) -> Option<u64> {
+        let (key, id) = self.lru_victim()?;
+        let bytes = match key {
+            Some(k) => {
+                self.by_id.remove(&id);
+                self.blobs.remove(k).bytes
+            }
+            None => self.cold.remove(&id).map_or(0, |c| c.bytes),
+        };
+        self.used -= bytes.min(self.used);
+        if let Some(disk) = self.disk.as_mut() {
+            disk.release(bytes);
+        }
+        let why = match cause {
+            Cause::Size => "to stay under the cache limit",
+            Cause::MinFree => "to keep --min-free free",
+            Cause::NoSpace => "after a write ran out of space",
+        };
+        log::info!("evicting blob {id} ({bytes} bytes) {why}");
+        self.evicted.push(id);
+        let e = &mut self.evictions;
+        match cause {
+            Cause::Size => e.size += 1,
+            Cause::MinFree => e.min_free += 1,
+            Cause::NoSpace => e.no_space += 1,
+        }
+        Some(bytes)
     }
 
     /// The least recently used blob no one holds: its key if open, and id.

@@ -10,11 +10,13 @@
 //! On-disk layout and crash reasoning: docs/CACHE.md.
 
 pub mod blob;
+pub mod disk;
 pub mod index;
 pub mod map;
 
 pub use blob::Blob;
-pub use index::{BlobKey, Index, Plan};
+pub use disk::{MinFree, DEFAULT_MIN_FREE};
+pub use index::{BlobKey, Cause, Evictions, Index, Plan};
 
 use crate::backend::BackendError;
 use crate::protocol::Errno;
@@ -40,6 +42,9 @@ pub struct CacheConfig {
     /// blobs that no connection holds a token for are deleted. `None`: no
     /// limit.
     pub limit: Option<u64>,
+    /// Free space to keep on the work dir's file system (`--min-free`);
+    /// `None`: no watermark (ENOSPC is still handled).
+    pub min_free: Option<MinFree>,
 }
 
 impl CacheConfig {
@@ -49,6 +54,7 @@ impl CacheConfig {
             granule: DEFAULT_GRANULE,
             max_job: DEFAULT_MAX_JOB,
             limit: None,
+            min_free: None,
         }
     }
 

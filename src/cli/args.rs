@@ -5,7 +5,7 @@
 //! config file's schema (`serve --config FILE`): serde reads the same fields
 //! under the long flags' names, so a key and its flag can never drift apart.
 
-use crate::cli::size::Size;
+use crate::cli::size::{Size, SizeOrPercent};
 use blobmgr::metrics::http::MetricsAddr;
 use clap::{Args, Parser, Subcommand};
 use serde::de::{self, Deserializer, Visitor};
@@ -219,6 +219,9 @@ pub struct ServeOptions {
     /// Most bytes of blob data to keep; least recently used blobs are evicted [default: no limit]
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub cache_size: Option<Size>,
+    /// Free space to keep on the work dir's file system, SIZE or PERCENT of it; blobs are evicted to keep it [default: 10%]
+    #[arg(long, value_name = "SIZE|PERCENT", allow_negative_numbers = true)]
+    pub min_free: Option<SizeOrPercent>,
     /// Socket file mode, in octal, whatever the umask [default: 0600]
     #[arg(long, value_name = "OCTAL")]
     pub sock_mode: Option<OctalMode>,
@@ -270,6 +273,7 @@ impl ServeOptions {
             max_conns: self.max_conns.or(file.max_conns),
             granule: self.granule.or(file.granule),
             cache_size: self.cache_size.or(file.cache_size),
+            min_free: self.min_free.or(file.min_free),
             sock_mode: self.sock_mode.or(file.sock_mode),
             sock_group: self.sock_group.or(file.sock_group),
             allow_uid: if self.allow_uid.is_empty() {

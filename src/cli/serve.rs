@@ -6,6 +6,7 @@
 use crate::cli::args::{ServeOptions, DEFAULT_BACKEND, DEFAULT_SOCK, DEFAULT_WORKDIR};
 use crate::cli::{config, Fail};
 use blobmgr::backend::{Backend, LocalFs};
+use blobmgr::cache::DEFAULT_MIN_FREE;
 use blobmgr::credentials::{Credentials, Env as CredentialEnv};
 use blobmgr::hosts::HostsDir;
 use blobmgr::metrics::http::MetricsAddr;
@@ -65,6 +66,7 @@ fn server_config(o: &ServeOptions) -> Result<ServerConfig, Fail> {
         }
         cfg.cache.limit = Some(limit.0);
     }
+    cfg.cache.min_free = Some(o.min_free.map_or(DEFAULT_MIN_FREE, |m| m.min_free()));
     if let Some(g) = &o.sock_group {
         cfg.sock_group = Some(resolve_group(&g.0)?);
     }

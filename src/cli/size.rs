@@ -33,12 +33,11 @@ pub enum SizeOrPercent {
 }
 
 impl SizeOrPercent {
-    /// Bytes for a whole of `total` bytes (a percentage is rounded down).
-    #[allow(dead_code)] // used by --min-free, which the daemon does not have yet
-    pub fn bytes_of(self, total: u64) -> u64 {
+    /// The cache's watermark for this value.
+    pub fn min_free(self) -> blobmgr::cache::MinFree {
         match self {
-            SizeOrPercent::Bytes(n) => n,
-            SizeOrPercent::Percent(p) => (total as f64 * p / 100.0) as u64,
+            SizeOrPercent::Bytes(n) => blobmgr::cache::MinFree::Bytes(n),
+            SizeOrPercent::Percent(p) => blobmgr::cache::MinFree::Percent(p),
         }
     }
 }
@@ -305,9 +304,12 @@ mod tests {
             let e = bad.parse::<SizeOrPercent>().expect_err(bad).to_string();
             assert!(e.starts_with(&format!("{bad:?} is not a size")), "{e}");
         }
-        assert_eq!(SizeOrPercent::Percent(10.0).bytes_of(1000 * M), 100 * M);
-        assert_eq!(SizeOrPercent::Bytes(5).bytes_of(1000), 5);
-        assert_eq!(SizeOrPercent::Percent(100.0).bytes_of(u64::MAX), u64::MAX);
+        use blobmgr::cache::MinFree;
+        assert_eq!(
+            SizeOrPercent::Percent(10.0).min_free(),
+            MinFree::Percent(10.0)
+        );
+        assert_eq!(SizeOrPercent::Bytes(5).min_free(), MinFree::Bytes(5));
     }
 
     #[test]

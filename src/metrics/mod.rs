@@ -140,6 +140,8 @@ pub struct CacheGauges {
     pub jobs_in_flight: Counter,
     pub tokens_open: Counter,
     pub evictions_size: Counter,
+    pub evictions_min_free: Counter,
+    pub evictions_no_space: Counter,
 }
 
 /// Counters of the service's work.
@@ -410,11 +412,15 @@ impl Metrics {
             "counter",
             "Blobs evicted, by cause.",
         );
-        let _ = writeln!(
-            out,
-            "blobmgr_evictions_total{{cause=\"size\"}} {}",
-            k.evictions_size.get()
-        );
+        let causes = [
+            ("size", &k.evictions_size),
+            ("min_free", &k.evictions_min_free),
+            ("enospc", &k.evictions_no_space),
+        ];
+        for (cause, n) in causes {
+            let n = n.get();
+            let _ = writeln!(out, "blobmgr_evictions_total{{cause=\"{cause}\"}} {n}");
+        }
     }
 }
 

@@ -134,7 +134,10 @@ impl Service {
         let c = &self.metrics.cache;
         c.bytes.set(self.index.used_bytes());
         c.blobs.set(self.index.len() as u64);
-        c.evictions_size.set(self.index.evictions());
+        let e = self.index.evictions();
+        c.evictions_size.set(e.size);
+        c.evictions_min_free.set(e.min_free);
+        c.evictions_no_space.set(e.no_space);
         c.fills_in_flight.set(self.jobs.live_fills() as u64);
         c.jobs_in_flight.set(self.jobs.live() as u64);
     }
@@ -334,7 +337,7 @@ impl Service {
                 self.metrics.fetch_time(true).observe_instant();
                 Reply::fetch(token, count, FetchResult::Ok)
             }
-            Plan::OutOfRange | Plan::Unavailable => {
+            Plan::OutOfRange | Plan::Unavailable | Plan::NoSpace => {
                 self.metrics.request(op, Outcome::Failed);
                 Reply::fetch(token, 0, FetchResult::Failed)
             }
@@ -387,6 +390,7 @@ impl Service {
                     g0,
                     n,
                     source,
+                    retried: false,
                 });
                 self.index.fill_started(key, g0, n, job);
                 self.jobs.wait(job, fid);
@@ -455,31 +459,7 @@ impl Service {
         match f.kind {
             JobKind::Open { id: blob_id, .. } if !f.late => self.opened(blob_id, outcome),
             JobKind::Open { .. } => {}
-            JobKind::Fill { key, blob, g0, .. } => {
-                let complete = match outcome {
-                    Some(JobOutput::Filled(Ok(complete))) => Some(complete),
-                    Some(JobOutput::Filled(Err(e))) => {
-                        log::warn!("fill job {id} of blob {}: {e}", blob.id());
-                        None
-                    }
-                    // Panicked, cancelled or dropped (already logged).
-                    _ => None,
-                };
-                if complete.is_none() && !f.late {
-                    self.metrics.work.fills_failed.bump();
-                }
-                self.index
-                    .fill_finished(key, &blob, g0, id, complete.is_some());
-                if complete == Some(true) {
-                    // Made durable after the waiters are answered: the reply
-                    // needs the bytes in the page cache, not on the disk.
-                    self.jobs.start(JobKind::Checkpoint { blob });
-                }
-                for fid in f.waiters {
-                    self.fetch_progress(fid, complete.is_some());
-                }
-                self.start_evictions();
-            }
+            kind @ JobKind::Fill { .. } => self.filled(id, kind, f.waiters, f.late, outcome),
             JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
             JobKind::Checkpoint { blob } => {
                 if let Some(JobOutput::Checkpointed(Err(e))) = outcome {
@@ -487,6 +467,75 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// Fill `id` (`kind`) returned: its granules are credited, its waiters
+    /// answered, a completed blob checkpointed. A fill that ran out of space
+    /// evicts and runs once more before it fails.
+    fn filled(
+        &mut self,
+        id: JobId,
+        kind: JobKind,
+        waiters: Vec<usize>,
+        late: bool,
+        outcome: Option<JobOutput>,
+    ) {
+        let JobKind::Fill {
+            key,
+            blob,
+            g0,
+            n,
+            source,
+            retried,
+        } = kind
+        else {
+            return;
+        };
+        let complete = match outcome {
+            Some(JobOutput::Filled(Ok(complete))) => Some(complete),
+            Some(JobOutput::Filled(Err(e))) => {
+                log::warn!("fill job {id} of blob {}: {e}", blob.id());
+                if e.is_no_space() && !retried && !late {
+                    self.index.fill_finished(key, &blob, g0, id, false);
+                    let need = n * blob.granule_size();
+                    if self.index.no_space(need) {
+                        log::info!("blob {}: evicted to make room; filling again", blob.id());
+                        let retry = JobKind::Fill {
+                            key,
+                            blob,
+                            g0,
+                            n,
+                            source,
+                            retried: true,
+                        };
+                        let job = self.jobs.start(retry);
+                        self.index.fill_started(key, g0, n, job);
+                        for fid in waiters {
+                            self.jobs.wait(job, fid);
+                        }
+                        return self.start_evictions();
+                    }
+                    log::warn!("blob {}: out of space with nothing to evict", blob.id());
+                }
+                None
+            }
+            // Panicked, cancelled or dropped (already logged).
+            _ => None,
+        };
+        if complete.is_none() && !late {
+            self.metrics.work.fills_failed.bump();
+        }
+        self.index
+            .fill_finished(key, &blob, g0, id, complete.is_some());
+        if complete == Some(true) {
+            // Made durable after the waiters are answered: the reply
+            // needs the bytes in the page cache, not on the disk.
+            self.jobs.start(JobKind::Checkpoint { blob });
+        }
+        for fid in waiters {
+            self.fetch_progress(fid, complete.is_some());
+        }
+        self.start_evictions();
     }
 
     fn opened(&mut self, blob_id: String, outcome: Option<JobOutput>) {

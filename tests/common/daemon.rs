@@ -119,6 +119,12 @@ impl Daemon {
         for k in &self.env_remove {
             cmd.env_remove(k);
         }
+        if !self.extra.iter().any(|a| a.starts_with("--min-free")) {
+            // The default watermark (10 % of the file system) depends on
+            // how full the machine's disk is; tests that are not about it
+            // keep none. tests/disk.rs tests the watermark on a tmpfs.
+            cmd.arg("--min-free").arg("0");
+        }
         let child = cmd
             .args(&self.extra)
             .env(

@@ -15,6 +15,8 @@
 //!   [`DockerConfig`] (config.json), [`HostsToml`] (containerd hosts.toml).
 //! - `rng.rs`: [`Rng`], the seeded generator (`BLOBMGR_TEST_SEED`), and
 //!   [`pattern`], deterministic blob data.
+//! - `tmpfs.rs`: [`Tmpfs`], a small tmpfs for full-disk tests, and
+//!   [`free_bytes`].
 //! - `wait.rs`: [`wait_until`] and the blocking waits; no test sleeps to
 //!   synchronise (see docs/TESTING.md).
 //!
@@ -29,6 +31,7 @@ mod raw;
 mod regfiles;
 mod registry;
 mod rng;
+mod tmpfs;
 mod wait;
 
 pub use daemon::{bin, Daemon, DAEMON_WAIT};
@@ -42,6 +45,7 @@ pub use registry::{
     registry_available, Access, Registry, REGISTRY_WAIT,
 };
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
+pub use tmpfs::{free_bytes, Tmpfs};
 pub use wait::{wait_exit, wait_until, wait_writable, Gate};
 
 pub fn sha256(data: &[u8]) -> Vec<u8> {

@@ -2,14 +2,16 @@
 # Installs what the test suite needs on a fresh Debian machine and nothing
 # else: the CNCF distribution registry (package docker-registry) for the
 # registry backend tests, apache2-utils' htpasswd for the registries with
-# basic auth (bcrypt htpasswd entries), and util-linux's setpriv for the
-# peer-uid tests.
+# basic auth (bcrypt htpasswd entries), util-linux's setpriv for the
+# peer-uid tests, and the openssl command for the HTTPS registry tests (a CA
+# and a server certificate made per test).
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need ${missing[*]}; run as root or install them" >&2

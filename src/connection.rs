@@ -335,6 +335,14 @@ mod tests {
             ReadStatus::WouldBlock
         );
         drop(peer);
+        // The hang-up is seen once every copy of the peer's fd is closed: a
+        // process another test forks may hold one until it execs, so wait
+        // for the socket to report it instead of reading at once.
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(c.stream()),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
         assert_eq!(
             c.read_messages(&mut scratch, &mut msgs).unwrap(),
             ReadStatus::Eof

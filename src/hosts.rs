@@ -240,16 +240,66 @@ impl HostsDir {
     /// call (as containerd does, edits apply without a restart); callers
     /// may cache the answer.
     pub fn resolve(&self, host: &Host) -> Result<HostConfig, HostsError> {
-        let Some(dir) = self.host_dir(host)? else {
-            return Ok(default_config(host));
-        };
-        let file = dir.join(HOSTS_FILE);
-        match fs::read_to_string(&file) {
-            Ok(text) if !text.trim().is_empty() => parse_hosts_toml(&text, host, &file),
-            Ok(_) => cert_dir_config(host, &dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => cert_dir_config(host, &dir),
-            Err(source) => Err(HostsError::Io { path: file, source }),
+        match self.host_dir(host)? {
+            Some(dir) => read_host_dir(&dir, host),
+            None => Ok(default_config(host)),
         }
+    }
+
+    /// The configuration of every host directory under the root, in name
+    /// order, as [`HostsDir::resolve`] reads it for a host it applies to
+    /// (`_default` for a placeholder host, `default.invalid`). Directories
+    /// whose names are not host directories are left out. For checks at
+    /// start.
+    pub fn all_configs(&self) -> Result<Vec<Result<HostConfig, HostsError>>, HostsError> {
+        let io_err = |source| HostsError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        let mut dirs = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io_err)? {
+            let path = entry.map_err(io_err)?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            }
+        }
+        dirs.sort();
+        Ok(dirs
+            .iter()
+            .filter_map(|dir| {
+                let name = dir.file_name()?.to_str()?;
+                let host = host_of_dir(name)?;
+                Some(read_host_dir(dir, &host))
+            })
+            .collect())
+    }
+}
+
+/// The host a directory named `name` is for (see [`candidate_dirs`]); a
+/// placeholder for `_default`.
+fn host_of_dir(name: &str) -> Option<Host> {
+    if name == DEFAULT_DIR {
+        return Host::parse("default.invalid").ok();
+    }
+    if let Some((h, port)) = name
+        .strip_suffix('_')
+        .and_then(|n| n.rsplit_once('_'))
+        .filter(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Host::parse(&format!("{h}:{port}")).ok();
+    }
+    Host::parse(name).ok()
+}
+
+/// Reads host directory `dir` for `host`: its hosts.toml, else its
+/// certificate files.
+fn read_host_dir(dir: &Path, host: &Host) -> Result<HostConfig, HostsError> {
+    let file = dir.join(HOSTS_FILE);
+    match fs::read_to_string(&file) {
+        Ok(text) if !text.trim().is_empty() => parse_hosts_toml(&text, host, &file),
+        Ok(_) => cert_dir_config(host, dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => cert_dir_config(host, dir),
+        Err(source) => Err(HostsError::Io { path: file, source }),
     }
 }
 

@@ -384,3 +384,56 @@ fn io_errors_carry_their_source() {
     assert!(std::error::Error::source(&e).is_some());
     assert!(e.to_string().contains("hosts.toml"));
 }
+
+#[test]
+fn all_configs_reads_every_host_directory() {
+    let (tmp, dir) = hosts_dir(&[
+        (
+            "127.0.0.1:5000/hosts.toml",
+            "server = \"https://127.0.0.1:5000\"\nca = \"ca.pem\"\n",
+        ),
+        ("[::1]:5000/hosts.toml", "server = \"http://[::1]:5002\"\n"),
+        ("other_6000_/hosts.toml", "skip_verify = true\n"),
+        ("_default/hosts.toml", "[host.\"https://cache.local\"]\n"),
+        ("x.io/a.crt", "a"),
+        ("bad.io/hosts.toml", "server = 1\n"),
+        ("Not A Host/hosts.toml", "server = \"https://n.local\"\n"),
+        ("a-file", ""),
+    ]);
+    let all = dir.all_configs().unwrap();
+    let (ok, bad): (Vec<_>, Vec<_>) = all.into_iter().partition(Result::is_ok);
+    let bad: Vec<String> = bad
+        .into_iter()
+        .map(|e| e.unwrap_err().to_string())
+        .collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(bad[0].contains("bad.io"), "{bad:?}");
+    let mut found: Vec<(String, Vec<PathBuf>, bool)> = ok
+        .into_iter()
+        .flat_map(|c| c.unwrap().endpoints)
+        .map(|e| (e.url.to_string(), e.ca, e.skip_verify))
+        .collect();
+    found.sort();
+    let p = |rel: &str| tmp.path().join(rel);
+    assert_eq!(
+        found,
+        [
+            ("http://[::1]:5002/v2".into(), vec![], false),
+            (
+                "https://127.0.0.1:5000/v2".into(),
+                vec![p("127.0.0.1:5000/ca.pem")],
+                false
+            ),
+            ("https://cache.local/v2".into(), vec![], false),
+            ("https://default.invalid/v2".into(), vec![], false),
+            // `other_6000_` is other:6000's directory.
+            ("https://other:6000/v2".into(), vec![], true),
+            ("https://x.io/v2".into(), vec![p("x.io/a.crt")], false),
+        ]
+    );
+    // A root that is not there is an error naming it.
+    let e = HostsDir::new("/nonexistent/blobmgr-hosts")
+        .all_configs()
+        .unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/blobmgr-hosts"), "{e}");
+}

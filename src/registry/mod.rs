@@ -14,7 +14,9 @@
 //! - `auth`: anonymous, basic, or the registry token flow (a 401 carrying a
 //!   `Bearer` challenge sends us to the token realm; the token is cached
 //!   until it expires);
-//! - `digest`: the canonical form of a blob id and the sha256 check.
+//! - `digest`: the canonical form of a blob id and the sha256 check;
+//! - `tls`: an endpoint's extra CA certificates and `skip_verify`, as the
+//!   rustls config of its agent.
 //!
 //! See docs/BACKENDS.md.
 
@@ -23,10 +25,12 @@ mod digest;
 pub mod proxy;
 mod ranges;
 pub mod registries;
+pub mod tls;
 mod transport;
 
 pub use digest::canonical_digest;
 pub use registries::{Registries, RegistriesConfig};
+pub use tls::Tls;
 
 use crate::backend::{Backend, BackendError, EndpointStats};
 use auth::Auth;
@@ -35,6 +39,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::{Failure, Http, Reply};
 use url::Url;
@@ -59,10 +64,17 @@ pub struct RegistryOptions {
     pub backoff: Duration,
     /// Basic credentials: user name and password.
     pub credentials: Option<(String, String)>,
+    /// An OAuth2 refresh token (Docker config's `identitytoken`): traded at
+    /// the token realm for an access token (see `auth`). Takes the place of
+    /// `credentials` there.
+    pub identity_token: Option<String>,
     /// HTTP proxy URL to reach the registry through.
     pub proxy: Option<String>,
     /// Extra headers sent to the registry (hosts.toml `header`).
     pub headers: Vec<(String, String)>,
+    /// The TLS config of the endpoint's agent (see [`Tls`]); `None`: ureq's
+    /// default (the built-in roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for RegistryOptions {
@@ -73,8 +85,10 @@ impl Default for RegistryOptions {
             retries: DEFAULT_RETRIES,
             backoff: Duration::from_millis(100),
             credentials: None,
+            identity_token: None,
             proxy: None,
             headers: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -88,11 +102,13 @@ impl fmt::Debug for RegistryOptions {
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("identity_token", &self.identity_token.is_some())
             .field("proxy", &self.proxy.is_some())
             .field(
                 "headers",
                 &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -165,7 +181,11 @@ impl Registry {
         Ok(Registry {
             base,
             root,
-            auth: Auth::new(opts.credentials.as_ref(), repo),
+            auth: Auth::new(
+                opts.credentials.as_ref(),
+                opts.identity_token.as_deref(),
+                repo,
+            ),
             repo: repo.to_owned(),
             http: Http::new(opts),
             warned_no_range: AtomicBool::new(false),
@@ -514,6 +534,11 @@ mod tests {
             ..o()
         };
         assert!(!format!("{opts:?}").contains("secret"));
+        let opts = RegistryOptions {
+            identity_token: Some("refresh-secret".into()),
+            ..o()
+        };
+        assert!(!format!("{opts:?}").contains("refresh-secret"));
     }
 
     #[test]

@@ -6,17 +6,21 @@
 //! the blob) is skipped for a cool-down. The origin is always tried last and
 //! never skipped, so its answer is the one a client sees when all failed.
 //!
-//! An endpoint client is a [`Registry`] per endpoint and repository, made on
-//! first use with the credentials Docker's config gives for the endpoint's
-//! host (a credential helper runs here, on a worker thread) and the proxy
-//! the environment names for its URL.
+//! An endpoint client is a [`Registry`] per endpoint, repository and TLS
+//! settings, made on first use with the credentials Docker's config gives
+//! for the endpoint's host (a credential helper runs here, on a worker
+//! thread), the proxy the environment names for its URL, and, for an
+//! `https://` endpoint, a TLS config with the hosts.toml `ca` files and
+//! `skip_verify` (made once per endpoint and settings; a CA file that does
+//! not load fails the endpoint, and is read again on its next use).
 
 use super::proxy::ProxyEnv;
-use super::{digest, Registry, RegistryOptions};
+use super::{digest, Registry, RegistryOptions, Tls};
 use crate::backend::{Backend, BackendError, EndpointStats};
 use crate::credentials::{Credential, Credentials};
 use crate::hosts::{default_config, Endpoint, HostsDir};
 use crate::reference::Reference;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -41,8 +45,10 @@ pub struct RegistriesConfig {
 /// See the module docs.
 pub struct Registries {
     cfg: RegistriesConfig,
-    /// Endpoint clients by (API root, repository).
-    clients: Mutex<HashMap<(String, String), Arc<Registry>>>,
+    /// Endpoint clients by (API root, repository, TLS settings).
+    clients: Mutex<HashMap<(String, String, Tls), Arc<Registry>>>,
+    /// TLS configs by (API root, settings).
+    tls: Mutex<HashMap<(String, Tls), Arc<rustls::ClientConfig>>>,
     /// Endpoints being skipped, until when.
     cooling: Mutex<HashMap<String, Instant>>,
 }
@@ -63,6 +69,7 @@ impl Registries {
         Registries {
             cfg,
             clients: Mutex::new(HashMap::new()),
+            tls: Mutex::new(HashMap::new()),
             cooling: Mutex::new(HashMap::new()),
         }
     }
@@ -90,17 +97,13 @@ impl Registries {
 
     /// The client of endpoint `ep` for `r`'s repository, made on first use.
     fn client(&self, ep: &Endpoint, r: &Reference) -> Result<Arc<Registry>, BackendError> {
-        let key = (ep.url.to_string(), r.repository().to_owned());
+        let tls = endpoint_tls(ep);
+        let key = (ep.url.to_string(), r.repository().to_owned(), tls.clone());
         if let Some(c) = lock(&self.clients).get(&key) {
             return Ok(c.clone());
         }
-        if !ep.ca.is_empty() || ep.skip_verify {
-            return Err(config_error(
-                format!("endpoint {}", ep.url),
-                "hosts.toml `ca` and `skip_verify` are not supported by this build",
-            ));
-        }
         let mut opts = self.cfg.options.clone();
+        opts.tls = self.tls_config(ep, &tls)?;
         let authority = if ep.is_origin {
             r.host().authority()
         } else {
@@ -108,7 +111,16 @@ impl Registries {
                 .map(|h| h.authority())
                 .unwrap_or_default()
         };
-        opts.credentials = self.credential(&authority);
+        match self.credential(&authority) {
+            Some(Credential::Basic { user, password }) => {
+                opts.credentials = Some((user, password));
+            }
+            Some(Credential::IdentityToken(token)) => {
+                log::debug!("{authority}: using the identity token of Docker's config");
+                opts.identity_token = Some(token);
+            }
+            None => {}
+        }
         opts.proxy = self.cfg.proxy.for_url(&ep.url);
         opts.headers = ep.headers.clone();
         let client = Registry::endpoint(ep.url.clone(), r.repository(), &opts)
@@ -118,17 +130,47 @@ impl Registries {
         Ok(client)
     }
 
-    /// Basic credentials for `authority`, if Docker's config has any.
-    fn credential(&self, authority: &str) -> Option<(String, String)> {
-        match self.cfg.credentials.lookup(authority) {
-            Ok(Some(Credential::Basic { user, password })) => Some((user, password)),
-            Ok(Some(Credential::IdentityToken(_))) => {
-                log::warn!(
-                    "{authority}: identity tokens are not supported yet; pulling anonymously"
-                );
-                None
+    /// The TLS config of endpoint `ep` with settings `tls`: `None` for
+    /// ureq's default, else made on first use (which, with `skip_verify`,
+    /// logs a warning, once).
+    fn tls_config(
+        &self,
+        ep: &Endpoint,
+        tls: &Tls,
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, BackendError> {
+        if tls.is_default() {
+            return Ok(None);
+        }
+        let key = (ep.url.to_string(), tls.clone());
+        if let Some(c) = lock(&self.tls).get(&key) {
+            return Ok(Some(c.clone()));
+        }
+        let config = tls
+            .client_config(&ep.url)
+            .map_err(|e| config_error(format!("endpoint {}", ep.url), e))?;
+        match lock(&self.tls).entry(key) {
+            // Another worker made it meanwhile (and warned).
+            Entry::Occupied(e) => Ok(Some(e.get().clone())),
+            Entry::Vacant(e) => {
+                if tls.skip_verify {
+                    log::warn!(
+                        "endpoint {}: skip_verify is set: its TLS certificate is NOT verified \
+                         (anyone on the network path can impersonate it)",
+                        ep.url
+                    );
+                }
+                for ca in &tls.extra_ca {
+                    log::info!("endpoint {}: trusting the CA file {}", ep.url, ca.display());
+                }
+                Ok(Some(e.insert(config).clone()))
             }
-            Ok(None) => None,
+        }
+    }
+
+    /// What Docker's config has for `authority`, if anything.
+    fn credential(&self, authority: &str) -> Option<Credential> {
+        match self.cfg.credentials.lookup(authority) {
+            Ok(c) => c,
             Err(e) => {
                 log::warn!("{authority}: credentials: {e}; pulling anonymously");
                 None
@@ -197,6 +239,58 @@ impl Registries {
             None => Err(BackendError::NotFound),
         }
     }
+}
+
+/// The TLS settings hosts.toml gives endpoint `ep`: its `ca` and
+/// `skip_verify` for an `https://` endpoint, none for plain HTTP.
+fn endpoint_tls(ep: &Endpoint) -> Tls {
+    if ep.url.scheme() != "https" {
+        if !ep.ca.is_empty() || ep.skip_verify {
+            log::debug!(
+                "endpoint {}: `ca` and `skip_verify` do not apply to plain HTTP",
+                ep.url
+            );
+        }
+        return Tls::default();
+    }
+    Tls {
+        extra_ca: ep.ca.clone(),
+        skip_verify: ep.skip_verify,
+    }
+}
+
+/// Checks at start what can be checked of a hosts directory without
+/// contacting anyone: that each host directory's configuration reads, and
+/// that the CA files of its `https://` endpoints load. Returns the problems,
+/// each naming its file. They are not fatal: the files are read again when a
+/// reference needs them, so a fix applies without a restart.
+pub fn check_hosts_dir(dir: &HostsDir) -> Vec<String> {
+    let mut problems = Vec::new();
+    let configs = match dir.all_configs() {
+        Ok(c) => c,
+        Err(e) => return vec![e.to_string()],
+    };
+    for config in configs {
+        let endpoints = match config {
+            Ok(c) => c.endpoints,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        for ep in endpoints {
+            let tls = endpoint_tls(&ep);
+            if tls.extra_ca.is_empty() {
+                continue;
+            }
+            if let Err(e) = tls.client_config(&ep.url) {
+                problems.push(format!("endpoint {}: {e}", ep.url));
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    problems
 }
 
 /// `host[:port]` of a URL.

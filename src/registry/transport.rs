@@ -94,6 +94,9 @@ impl Http {
                 Err(e) => log::warn!("proxy {}: {e}; connecting directly", redact_str(p)),
             }
         }
+        if let Some(tls) = &opts.tls {
+            builder = builder.tls_config(tls.clone());
+        }
         let agent = builder
             // Redirects are followed by hand: see `follow`.
             .redirects(0)
@@ -179,12 +182,24 @@ impl Http {
             req = req.set(name, value);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = match req.call() {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => return Err(transport_failure(url, t)),
-        };
-        log::debug!("{method} {}: {}", redact(url), resp.status());
-        Ok(resp)
+        answer(method, url, req.call())
+    }
+
+    /// POSTs `form` (`application/x-www-form-urlencoded`) to `url`, no
+    /// redirects followed, within `deadline`; like [`Http::call`]. The form
+    /// is never logged (it may hold a token).
+    pub fn post_form(
+        &self,
+        url: &Url,
+        form: &[(&str, &str)],
+        deadline: Instant,
+    ) -> Result<ureq::Response, Failure> {
+        let req = self
+            .agent
+            .request_url("POST", url)
+            .timeout(time_left(deadline, url)?);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        answer("POST", url, req.send_form(form))
     }
 
     /// Sends `method url` with `range`, following redirects; `auth` (an
@@ -229,6 +244,20 @@ impl Http {
             }
         }
     }
+}
+
+/// A response of any status, or the classified transport failure.
+fn answer(
+    method: &str,
+    url: &Url,
+    sent: Result<ureq::Response, ureq::Error>,
+) -> Result<ureq::Response, Failure> {
+    let resp = match sent {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return Err(transport_failure(url, t)),
+    };
+    log::debug!("{method} {}: {}", redact(url), resp.status());
+    Ok(resp)
 }
 
 /// Where redirect `resp` (hop number `hops` from `from`) sends us.
@@ -420,6 +449,24 @@ fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
     found
 }
 
+/// Whether a TLS certificate was refused somewhere behind `e` (rustls'
+/// error travels inside an io::Error, whose `source` skips it).
+fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err
+            .downcast_ref::<io::Error>()
+            .and_then(|e| e.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| err.downcast_ref::<rustls::Error>());
+        if matches!(tls, Some(rustls::Error::InvalidCertificate(_))) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A ureq transport error as text without its URL (which may carry a
 /// signed query): kind, message and cause.
 fn transport_detail(t: &ureq::Transport) -> String {
@@ -435,7 +482,7 @@ fn transport_detail(t: &ureq::Transport) -> String {
 
 /// Classifies a transport error of a request to `url`: timeouts and
 /// connection-level failures are retried, the rest (bad URL, TLS
-/// configuration, …) are not.
+/// configuration, a server certificate we refuse, …) are not.
 fn transport_failure(url: &Url, t: ureq::Transport) -> Failure {
     use ureq::ErrorKind as K;
     let detail = transport_detail(&t);
@@ -445,7 +492,7 @@ fn transport_failure(url: &Url, t: ureq::Transport) -> Failure {
     let retry = matches!(
         t.kind(),
         K::Dns | K::ConnectionFailed | K::Io | K::BadStatus | K::BadHeader | K::ProxyConnect
-    );
+    ) && !certificate_refused(&t);
     Failure {
         err: BackendError::Transport {
             url: redact(url),
@@ -638,6 +685,23 @@ mod tests {
         let source = std::error::Error::source(&f.err).expect("a source");
         assert!(source.downcast_ref::<ureq::Transport>().is_some());
         assert!(matches!(f.err, BackendError::Transport { .. }));
+    }
+
+    #[test]
+    fn a_refused_server_certificate_is_not_retried() {
+        let url = Url::parse("https://127.0.0.1:1/v2/").unwrap();
+        let transport = |inner: io::Error| ureq::Error::from(inner).into_transport().unwrap();
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let f = transport_failure(
+            &url,
+            transport(io::Error::new(io::ErrorKind::InvalidData, refused)),
+        );
+        assert!(!f.retry);
+        let msg = f.err.to_string();
+        assert!(msg.contains("UnknownIssuer"), "{msg}");
+        // Other I/O failures are retried.
+        let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        assert!(transport_failure(&url, transport(reset)).retry);
     }
 
     #[test]

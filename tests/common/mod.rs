@@ -8,11 +8,13 @@
 //!   any backend or driven by a host event loop.
 //! - `http.rs`: [`FakeHttp`], a loopback HTTP server that logs every request.
 //! - `registry.rs`: [`Registry`], a real OCI registry (`docker-registry`):
-//!   anonymous, basic auth or a pull-through mirror; push, access-log
+//!   anonymous, basic auth, a pull-through mirror or HTTPS; push, access-log
 //!   counts, kill and restart.
 //! - `proxy.rs`: [`HttpProxy`], a forwarding HTTP proxy that counts per target.
 //! - `regfiles.rs`: [`CredHelper`] (a `docker-credential-*` script),
 //!   [`DockerConfig`] (config.json), [`HostsToml`] (containerd hosts.toml).
+//! - `tls.rs`: [`TestCa`], a CA and a server certificate for 127.0.0.1
+//!   made with `openssl`, and [`agent_trusting`] its CA.
 //! - `rng.rs`: [`Rng`], the seeded generator (`BLOBMGR_TEST_SEED`), and
 //!   [`pattern`], deterministic blob data.
 //! - `tmpfs.rs`: [`Tmpfs`], a small tmpfs for full-disk tests, and
@@ -31,6 +33,7 @@ mod raw;
 mod regfiles;
 mod registry;
 mod rng;
+mod tls;
 mod tmpfs;
 mod wait;
 
@@ -45,6 +48,7 @@ pub use registry::{
     registry_available, Access, Registry, REGISTRY_WAIT,
 };
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
+pub use tls::{agent_trusting, TestCa};
 pub use tmpfs::{free_bytes, Tmpfs};
 pub use wait::{wait_exit, wait_until, wait_writable, Gate};
 

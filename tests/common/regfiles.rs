@@ -192,11 +192,14 @@ struct HostEntry {
     headers: Vec<(String, String)>,
 }
 
-/// containerd's `hosts.toml`: `server = "…"` and `[host."<url>"]` tables
-/// (mirrors, tried in file order before `server`).
+/// containerd's `hosts.toml`: `server = "…"` with the origin's top-level
+/// `ca` and `skip_verify`, and `[host."<url>"]` tables (mirrors, tried in
+/// file order before `server`).
 #[derive(Default)]
 pub struct HostsToml {
     server: Option<String>,
+    ca: Vec<String>,
+    skip_verify: Option<bool>,
     hosts: Vec<HostEntry>,
 }
 
@@ -212,6 +215,19 @@ impl HostsToml {
     /// `server = "<url>"` (the origin).
     pub fn server(mut self, url: &str) -> HostsToml {
         self.server = Some(url.to_string());
+        self
+    }
+
+    /// Adds a file to the origin's `ca` (top level; a list when there are
+    /// several).
+    pub fn ca(mut self, path: &Path) -> HostsToml {
+        self.ca.push(path.display().to_string());
+        self
+    }
+
+    /// `skip_verify = <on>` for the origin (top level).
+    pub fn skip_verify(mut self, on: bool) -> HostsToml {
+        self.skip_verify = Some(on);
         self
     }
 
@@ -243,6 +259,17 @@ impl HostsToml {
         let mut t = String::new();
         if let Some(s) = &self.server {
             t.push_str(&format!("server = {}\n", toml_str(s)));
+        }
+        match self.ca.as_slice() {
+            [] => {}
+            [one] => t.push_str(&format!("ca = {}\n", toml_str(one))),
+            all => {
+                let all: Vec<String> = all.iter().map(|c| toml_str(c)).collect();
+                t.push_str(&format!("ca = [{}]\n", all.join(", ")));
+            }
+        }
+        if let Some(on) = self.skip_verify {
+            t.push_str(&format!("skip_verify = {on}\n"));
         }
         for h in &self.hosts {
             let caps: Vec<String> = h.capabilities.iter().map(|c| toml_str(c)).collect();

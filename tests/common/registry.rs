@@ -1,8 +1,11 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (the CNCF
 //! distribution registry, 2.8) on 127.0.0.1 with a generated config, in one
-//! of three modes:
+//! of four modes:
 //!
 //! - anonymous ([`Registry::start`]);
+//! - anonymous over HTTPS ([`Registry::start_tls`]): `http.tls.certificate`
+//!   and `key` from a [`TestCa`]; the harness's own requests trust that CA
+//!   alone;
 //! - htpasswd basic auth ([`Registry::start_basic`]): bcrypt entries made
 //!   by `htpasswd -niB` (apache2-utils, installed by
 //!   `scripts/setup-test-deps.sh`), the password given on its stdin;
@@ -56,6 +59,7 @@
 //! registry has no request in flight once it has written at least as many
 //! Combined lines as "authorizing request" lines.
 
+use super::tls::{agent_trusting, TestCa};
 use super::wait::wait_until;
 use base64::Engine;
 use std::io::Write;
@@ -190,6 +194,16 @@ struct Mode {
     basic: Option<(String, String)>,
     /// Pull-through mirror of this origin base URL.
     upstream: Option<String>,
+    /// HTTPS with this certificate and key; requests trust this CA file.
+    tls: Option<TlsFiles>,
+}
+
+/// The PEM files of an HTTPS registry.
+#[derive(Clone, Debug)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 /// A `docker-registry` child process on 127.0.0.1, its storage and log in a
@@ -222,7 +236,7 @@ impl Registry {
         }
         Registry::start_mode(Mode {
             basic: Some((user.into(), password.into())),
-            upstream: None,
+            ..Mode::default()
         })
     }
 
@@ -238,8 +252,21 @@ impl Registry {
             "registry 2.8 cannot mirror a basic-auth origin"
         );
         Registry::start_mode(Mode {
-            basic: None,
             upstream: Some(origin.base()),
+            ..Mode::default()
+        })
+    }
+
+    /// An anonymous registry serving HTTPS with `ca`'s server certificate
+    /// for 127.0.0.1 ([`Registry::base`] is then `https://…`).
+    pub fn start_tls(ca: &TestCa) -> Registry {
+        Registry::start_mode(Mode {
+            tls: Some(TlsFiles {
+                cert: ca.server_cert(),
+                key: ca.server_key(),
+                ca: ca.ca(),
+            }),
+            ..Mode::default()
         })
     }
 
@@ -281,9 +308,14 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` for [`Registry::start_tls`]).
     pub fn base(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.mode.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.host())
     }
 
     /// `http://127.0.0.1:PORT/REPO` (a `--backend` URL).
@@ -306,6 +338,13 @@ impl Registry {
             d.join("storage").display(),
             self.port
         );
+        if let Some(t) = &self.mode.tls {
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            ));
+        }
         if let Some((user, password)) = &self.mode.basic {
             let htpasswd = d.join("htpasswd");
             std::fs::write(&htpasswd, bcrypt_entry(user, password)).expect("write htpasswd");
@@ -320,9 +359,14 @@ impl Registry {
         std::fs::write(d.join("config.yml"), cfg).expect("write config");
     }
 
-    /// A request to this registry, with its credentials if it wants some.
+    /// A request to this registry, with its credentials if it wants some
+    /// (trusting its CA, over HTTPS).
     pub fn request(&self, method: &str, url: &str) -> ureq::Request {
-        let r = agent().request(method, url);
+        let agent = match &self.mode.tls {
+            Some(t) => agent_trusting(&t.ca),
+            None => agent(),
+        };
+        let r = agent.request(method, url);
         match &self.mode.basic {
             Some((u, p)) => r.set("Authorization", &basic_header(u, p)),
             None => r,

@@ -24,26 +24,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-const FETCH_OK: u32 = 0;
 const ENOENT: u32 = 2;
 const EACCES: u32 = 13;
 const EINVAL: u32 = 22;
 /// What a `cat` of a blob asks for at a time.
 const CAT_CHUNK: u64 = 4 * MIB;
-
-/// Environment variables that would change how the daemon reaches
-/// registries; removed unless a test sets them.
-const REACH_VARS: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "all_proxy",
-    "DOCKER_CONFIG",
-];
 
 /// How to start a daemon for references.
 #[derive(Default)]
@@ -78,43 +63,17 @@ fn start(o: Opts) -> Daemon {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::prepare(&args);
     d.backend_arg = o.backend;
-    d.env_remove = REACH_VARS.iter().map(|s| s.to_string()).collect();
-    let dir = d.dir.as_ref().expect("temp dir").path().to_path_buf();
+    d.isolate_registry_env();
     d.env.push(("RUST_LOG".into(), "debug".into()));
-    d.env.push((
-        "DOCKER_CONFIG".into(),
-        dir.join("no-docker").display().to_string(),
-    ));
-    d.env.push(("HOME".into(), dir.display().to_string()));
     d.env.extend(o.env);
     d.spawn();
     d
 }
 
-fn open(raw: &mut Raw, id: &str) -> Blob {
-    raw.open(1, id)
-        .unwrap_or_else(|e| panic!("GetBlob {id}: errno {e}"))
-}
-
-/// FetchRange of `[start, start + len)` through `b`, then the bytes read
-/// through its fd compared with `expect`.
-fn fetch_check(raw: &mut Raw, b: &Blob, expect: &[u8], start: u64, len: u64) {
-    let end = (start + len).min(expect.len() as u64);
-    assert_eq!(
-        raw.fetch(b.token, start, len),
-        (end - start, FETCH_OK),
-        "FetchRange [{start}, +{len})"
-    );
-    assert!(
-        b.read(start, end - start) == expect[start as usize..end as usize],
-        "bytes differ in [{start}, {end})"
-    );
-}
-
 /// One FetchRange of the whole blob, then its sha256 checked.
 fn pull_whole(raw: &mut Raw, b: &Blob, expect: &[u8]) {
     assert_eq!(b.size(), expect.len() as u64);
-    fetch_check(raw, b, expect, 0, expect.len() as u64);
+    raw.fetch_check(b, expect, 0, expect.len() as u64);
     assert_eq!(sha256(&b.read(0, b.size())), sha256(expect));
 }
 
@@ -123,7 +82,7 @@ fn cat(raw: &mut Raw, b: &Blob, expect: &[u8]) {
     assert_eq!(b.size(), expect.len() as u64);
     let mut off = 0;
     while off < b.size() {
-        fetch_check(raw, b, expect, off, CAT_CHUNK);
+        raw.fetch_check(b, expect, off, CAT_CHUNK);
         off += CAT_CHUNK;
     }
     assert_eq!(sha256(&b.read(0, b.size())), sha256(expect));
@@ -133,7 +92,7 @@ fn random_ranges(raw: &mut Raw, b: &Blob, expect: &[u8], rng: &mut Rng, n: usize
     for _ in 0..n {
         let start = rng.below(expect.len() as u64);
         let len = 1 + rng.below(3 * MIB);
-        fetch_check(raw, b, expect, start, len);
+        raw.fetch_check(b, expect, start, len);
     }
 }
 
@@ -189,7 +148,7 @@ fn references_to_two_origins_and_two_repositories() {
             ..Opts::default()
         });
         let mut raw = d.raw();
-        let opened: Vec<Blob> = ids.iter().map(|id| open(&mut raw, id)).collect();
+        let opened: Vec<Blob> = ids.iter().map(|id| raw.open_ok(id)).collect();
         let mut rng = Rng::new(0x7265_6673 + with_backend as u64);
         // Interleaved: a few ranges of each, three rounds.
         for _ in 0..3 {
@@ -203,7 +162,7 @@ fn references_to_two_origins_and_two_repositories() {
         }
         if with_backend {
             d.add_blob("plain-blob", &plain);
-            let p = open(&mut raw, "plain-blob");
+            let p = raw.open_ok("plain-blob");
             random_ranges(&mut raw, &p, &plain, &mut rng, 3);
             pull_whole(&mut raw, &p, &plain);
         }
@@ -226,7 +185,7 @@ fn one_digest_through_three_references_is_fetched_once_and_stored_once() {
     ];
     let d = start(Opts::default());
     let mut raw = d.raw();
-    let blobs: Vec<Blob> = ids.iter().map(|id| open(&mut raw, id)).collect();
+    let blobs: Vec<Blob> = ids.iter().map(|id| raw.open_ok(id)).collect();
     let ino = |b: &Blob| b.file.metadata().expect("fstat").ino();
     for (b, id) in blobs.iter().zip(&ids) {
         assert_eq!(b.size(), size, "{id}");
@@ -234,16 +193,16 @@ fn one_digest_through_three_references_is_fetched_once_and_stored_once() {
     }
     // Overlapping parts through different references, then all of it
     // through each.
-    fetch_check(&mut raw, &blobs[0], &data, 0, 4 * MIB);
-    fetch_check(&mut raw, &blobs[1], &data, 2 * MIB, 6 * MIB);
-    fetch_check(&mut raw, &blobs[2], &data, 6 * MIB + 3, size);
+    raw.fetch_check(&blobs[0], &data, 0, 4 * MIB);
+    raw.fetch_check(&blobs[1], &data, 2 * MIB, 6 * MIB);
+    raw.fetch_check(&blobs[2], &data, 6 * MIB + 3, size);
     for b in &blobs {
         pull_whole(&mut raw, b, &data);
     }
     // A second connection and the same three ids: nothing more is fetched.
     let mut raw2 = d.raw();
     for id in &ids {
-        let b = open(&mut raw2, id);
+        let b = raw2.open_ok(id);
         pull_whole(&mut raw2, &b, &data);
     }
     let bytes = a.blob_get_bytes(&hex) + b.blob_get_bytes(&hex);
@@ -277,7 +236,7 @@ fn a_pull_through_mirror_first_then_the_origin_when_it_dies() {
 
     // `cat` through the cold mirror: it answers each Range GET with the
     // whole blob until it has stored it, and what arrives is kept.
-    let b1 = open(&mut raw, &origin.reference(repo, &hex1));
+    let b1 = raw.open_ok(&origin.reference(repo, &hex1));
     cat(&mut raw, &b1, &one);
     assert!(mirror.blob_gets(repo, &hex1) >= 1, "not through the mirror");
     let through = mirror.blob_get_bytes(&hex1);
@@ -294,7 +253,7 @@ fn a_pull_through_mirror_first_then_the_origin_when_it_dies() {
     );
 
     // One FetchRange of a whole cold blob.
-    let b2 = open(&mut raw, &origin.reference(repo, &hex2));
+    let b2 = raw.open_ok(&origin.reference(repo, &hex2));
     pull_whole(&mut raw, &b2, &two);
     let through = mirror.blob_get_bytes(&hex2);
     assert!(mirror.blob_gets(repo, &hex2) >= 1, "not through the mirror");
@@ -314,16 +273,16 @@ fn a_pull_through_mirror_first_then_the_origin_when_it_dies() {
     mirror.stop();
     let three = pattern((6 * MIB) as usize + 9, 53);
     let hex3 = origin.push(repo, &three);
-    let b3 = open(&mut raw, &origin.reference(repo, &hex3));
+    let b3 = raw.open_ok(&origin.reference(repo, &hex3));
     cat(&mut raw, &b3, &three);
     let four = pattern((2 * MIB) as usize + 1, 54);
     let hex4 = origin.push(repo, &four);
-    let b4 = open(&mut raw, &origin.reference(repo, &hex4));
+    let b4 = raw.open_ok(&origin.reference(repo, &hex4));
     pull_whole(&mut raw, &b4, &four);
     assert!(direct_gets(&origin, &hex3) >= 1 && direct_gets(&origin, &hex4) >= 1);
     pull_whole(&mut raw, &b1, &one);
     let mut raw2 = d.raw();
-    let b1 = open(&mut raw2, &origin.reference(repo, &hex1));
+    let b1 = raw2.open_ok(&origin.reference(repo, &hex1));
     pull_whole(&mut raw2, &b1, &one);
 }
 
@@ -354,9 +313,9 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
         .env("PATH", &helper.path_env()),
     );
     let mut raw = d1.raw();
-    let b = open(&mut raw, &id1);
+    let b = raw.open_ok(&id1);
     pull_whole(&mut raw, &b, &one);
-    let b = open(&mut raw, &id2);
+    let b = raw.open_ok(&id2);
     pull_whole(&mut raw, &b, &two);
     let calls = helper.calls();
     assert!(!calls.is_empty(), "the credential helper never ran");
@@ -380,7 +339,7 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
     );
     let mut raw = d2.raw();
     assert_eq!(raw.open(1, &id1).err(), Some(EACCES), "refused credentials");
-    let b = open(&mut raw, &id2);
+    let b = raw.open_ok(&id2);
     pull_whole(&mut raw, &b, &two);
     assert!(!store.calls().is_empty(), "credsStore never ran");
 
@@ -426,7 +385,7 @@ fn allow_registry_malformed_ids_and_unknown_blobs() {
     });
     let mut raw = d.raw();
 
-    let ok = open(&mut raw, &a.reference("lib/app", &hex));
+    let ok = raw.open_ok(&a.reference("lib/app", &hex));
     pull_whole(&mut raw, &ok, &data);
     assert_eq!(
         raw.open(1, &b.reference("lib/app", &hex)).err(),
@@ -463,7 +422,7 @@ fn allow_registry_malformed_ids_and_unknown_blobs() {
         "unknown repository"
     );
     // The daemon still serves everything else.
-    let b2 = open(&mut raw, &a.reference("lib/app", &hex_unopened));
+    let b2 = raw.open_ok(&a.reference("lib/app", &hex_unopened));
     pull_whole(&mut raw, &b2, &unopened);
 }
 
@@ -479,7 +438,7 @@ fn an_http_proxy_from_the_environment_carries_the_registry_traffic() {
             .env("NO_PROXY", ""),
     );
     let mut raw = d.raw();
-    let b = open(&mut raw, &reg.reference("proxied/app", &hex));
+    let b = raw.open_ok(&reg.reference("proxied/app", &hex));
     random_ranges(&mut raw, &b, &data, &mut Rng::new(0x70_726f_7879), 5);
     pull_whole(&mut raw, &b, &data);
 

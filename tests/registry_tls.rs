@@ -22,22 +22,7 @@ use common::{pattern, sha256, Blob, Daemon, HostsToml, Raw, Registry, Rng, TestC
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-const FETCH_OK: u32 = 0;
 const EIO: u32 = 5;
-
-/// Environment variables that would change how the daemon reaches
-/// registries; removed.
-const REACH_VARS: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "all_proxy",
-    "DOCKER_CONFIG",
-];
 
 /// A daemon serving references only, with `--hosts-dir hosts` and no
 /// Docker login of the machine's.
@@ -45,35 +30,9 @@ fn start(hosts: &Path) -> Daemon {
     let hosts = hosts.display().to_string();
     let mut d = Daemon::prepare(&["--hosts-dir", &hosts]);
     d.backend_arg = false;
-    d.env_remove = REACH_VARS.iter().map(|s| s.to_string()).collect();
-    let dir = d.dir.as_ref().expect("temp dir").path().to_path_buf();
-    d.env.push((
-        "DOCKER_CONFIG".into(),
-        dir.join("no-docker").display().to_string(),
-    ));
-    d.env.push(("HOME".into(), dir.display().to_string()));
+    d.isolate_registry_env();
     d.spawn();
     d
-}
-
-fn open(raw: &mut Raw, id: &str) -> Blob {
-    raw.open(1, id)
-        .unwrap_or_else(|e| panic!("GetBlob {id}: errno {e}"))
-}
-
-/// FetchRange of `[start, start + len)`, then the bytes read through the fd
-/// compared with `expect`.
-fn fetch_check(raw: &mut Raw, b: &Blob, expect: &[u8], start: u64, len: u64) {
-    let end = (start + len).min(expect.len() as u64);
-    assert_eq!(
-        raw.fetch(b.token, start, len),
-        (end - start, FETCH_OK),
-        "FetchRange [{start}, +{len})"
-    );
-    assert!(
-        b.read(start, end - start) == expect[start as usize..end as usize],
-        "bytes differ in [{start}, {end})"
-    );
 }
 
 /// A few random ranges, then the whole blob, then its sha256.
@@ -81,9 +40,9 @@ fn pull_checked(raw: &mut Raw, b: &Blob, expect: &[u8], rng: &mut Rng) {
     assert_eq!(b.size(), expect.len() as u64);
     for _ in 0..4 {
         let start = rng.below(expect.len() as u64);
-        fetch_check(raw, b, expect, start, 1 + rng.below(MIB));
+        raw.fetch_check(b, expect, start, 1 + rng.below(MIB));
     }
-    fetch_check(raw, b, expect, 0, expect.len() as u64);
+    raw.fetch_check(b, expect, 0, expect.len() as u64);
     assert_eq!(sha256(&b.read(0, b.size())), sha256(expect));
 }
 
@@ -146,7 +105,7 @@ fn an_https_registry_is_reached_with_its_ca_from_hosts_toml_and_refused_without(
     // The test's CA: served, right bytes.
     configure(HostsToml::new().server(&reg.base()).ca(&ca.ca()));
     let mut rng = Rng::new(9101);
-    let b1 = open(&mut raw, &id1);
+    let b1 = raw.open_ok(&id1);
     pull_checked(&mut raw, &b1, &one, &mut rng);
     assert!(
         !reg.blob_accesses(&hex1).is_empty(),
@@ -162,7 +121,7 @@ fn an_https_registry_is_reached_with_its_ca_from_hosts_toml_and_refused_without(
             .mirror(&mirror.base(), &["pull", "resolve"]),
     );
     let failed_before = log_count(&d, "trying the next endpoint");
-    let b2 = open(&mut raw, &reg.reference(repo, &hex2));
+    let b2 = raw.open_ok(&reg.reference(repo, &hex2));
     pull_checked(&mut raw, &b2, &two, &mut rng);
     assert!(
         log_count(&d, "trying the next endpoint") > failed_before,
@@ -191,9 +150,9 @@ fn skip_verify_reaches_an_https_registry_and_warns_once() {
     let d = start(hosts.path());
     let mut raw = d.raw();
     let mut rng = Rng::new(9102);
-    let b1 = open(&mut raw, &reg.reference(repo, &hex1));
+    let b1 = raw.open_ok(&reg.reference(repo, &hex1));
     pull_checked(&mut raw, &b1, &one, &mut rng);
-    let b2 = open(&mut raw, &reg.reference(repo, &hex2));
+    let b2 = raw.open_ok(&reg.reference(repo, &hex2));
     pull_checked(&mut raw, &b2, &two, &mut rng);
     assert!(reg.blob_gets(repo, &hex1) >= 1 && reg.blob_gets(repo, &hex2) >= 1);
     assert_eq!(

@@ -41,7 +41,32 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// Environment variables that change how registries are reached (proxies,
+/// Docker's config); registry tests remove them so the machine's own never
+/// leak in.
+pub const REACH_VARS: &[&str] = &[
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "DOCKER_CONFIG",
+];
+
 impl Daemon {
+    /// Runs the daemon without the machine's proxies and Docker login:
+    /// [`REACH_VARS`] removed, `DOCKER_CONFIG` and `HOME` in its temp dir.
+    pub fn isolate_registry_env(&mut self) {
+        self.env_remove = REACH_VARS.iter().map(|s| s.to_string()).collect();
+        let dir = self.dir.as_ref().expect("temp dir").path().to_path_buf();
+        let docker = dir.join("no-docker").display().to_string();
+        self.env.push(("DOCKER_CONFIG".into(), docker));
+        self.env.push(("HOME".into(), dir.display().to_string()));
+    }
+
     /// Starts a daemon on a new temp dir and waits until it answers.
     pub fn start(extra: &[&str]) -> Daemon {
         let mut d = Daemon::prepare(extra);

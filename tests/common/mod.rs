@@ -37,7 +37,7 @@ mod tls;
 mod tmpfs;
 mod wait;
 
-pub use daemon::{bin, Daemon, DAEMON_WAIT};
+pub use daemon::{bin, Daemon, DAEMON_WAIT, REACH_VARS};
 pub use http::{serve_data, FakeHttp, Req, Resp};
 pub use inproc::InProc;
 pub use proxy::{HttpProxy, Proxied};

@@ -76,6 +76,27 @@ pub fn unread_by_peer(sock: &UnixStream) -> usize {
 }
 
 impl Raw {
+    /// GetBlob (generation 1) that must succeed.
+    pub fn open_ok(&mut self, id: &str) -> Blob {
+        self.open(1, id)
+            .unwrap_or_else(|e| panic!("GetBlob {id}: errno {e}"))
+    }
+
+    /// FetchRange of `[start, start + len)` through `b`, which must succeed,
+    /// then the bytes read through its fd compared with `expect`.
+    pub fn fetch_check(&mut self, b: &Blob, expect: &[u8], start: u64, len: u64) {
+        let end = (start + len).min(expect.len() as u64);
+        assert_eq!(
+            self.fetch(b.token, start, len),
+            (end - start, 0),
+            "FetchRange [{start}, +{len})"
+        );
+        assert!(
+            b.read(start, end - start) == expect[start as usize..end as usize],
+            "bytes differ in [{start}, {end})"
+        );
+    }
+
     pub fn connect(path: &Path) -> Raw {
         Raw::try_connect(path).expect("connect")
     }

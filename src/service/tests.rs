@@ -208,44 +208,10 @@ fn a_late_fill_is_credited_and_counted_once() {
 /// Bug fixed in the redesign: an abandoned delete job cleared `deleting`, so
 /// a GetBlob could open a blob while the stuck worker was still removing its
 /// files.
-#[test]
-fn an_abandoned_delete_keeps_its_blob_exclusive_until_it_returns() {
-    let mut h = Harness::new(&[("a", 8192), ("b", 8192)], Some(10_000));
-    let ta = h.token("a");
-    h.fetch(ta, 0, 8192);
-    h.run_jobs();
-    h.replies();
-    // Generation 2 drops the token on "a"; filling "b" evicts "a".
-    h.send(Request::get_blob(2, "b").unwrap(), true);
-    h.run_jobs();
-    let tb = match h.replies()[0].1 {
-        Reply::GetBlob { token, .. } => token,
-        r => panic!("{r:?}"),
-    };
-    h.fetch(tb, 0, 8192);
-    let (fill, kind) = h.svc.take_jobs().next().unwrap();
-    let out = (h.runner.work(kind))();
-    h.svc.job_done(fill, Some(out));
-    h.replies();
-    let jobs: Vec<_> = h.svc.take_jobs().collect();
-    let (delete, kind) = jobs
-        .into_iter()
-        .find(|(_, k)| matches!(k, JobKind::Delete { id } if id == "a"))
-        .expect("a delete job for the evicted blob");
-    // The delete hangs past the timeout.
-    h.svc.job_expired(delete, Duration::from_secs(1));
-    // A GetBlob of "a" fails at once and starts no open.
-    let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
-    assert!(h.svc.take_jobs().next().is_none(), "no open while deleting");
-    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
-    // The worker returns: "a" can be opened again.
-    let out = (h.runner.work(kind))();
-    h.svc.job_done(delete, Some(out));
-    assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
-}
-
-#[test]
-fn a_getblob_during_a_running_delete_waits_for_it() {
+/// Fills "a" (8 KiB, limit 10,000 bytes), drops its token (generation 2),
+/// then fills "b", which evicts "a": returns the delete job of "a", not yet
+/// run, and the harness.
+fn evict_a_by_filling_b() -> (Harness, JobId, JobKind) {
     let mut h = Harness::new(&[("a", 8192), ("b", 8192)], Some(10_000));
     let ta = h.token("a");
     h.fetch(ta, 0, 8192);
@@ -264,8 +230,29 @@ fn a_getblob_during_a_running_delete_waits_for_it() {
     let (delete, kind) = h
         .svc
         .take_jobs()
-        .find(|(_, k)| matches!(k, JobKind::Delete { .. }))
+        .find(|(_, k)| matches!(k, JobKind::Delete { id } if id == "a"))
         .expect("a delete job for the evicted blob");
+    (h, delete, kind)
+}
+
+#[test]
+fn an_abandoned_delete_keeps_its_blob_exclusive_until_it_returns() {
+    let (mut h, delete, kind) = evict_a_by_filling_b();
+    // The delete hangs past the timeout.
+    h.svc.job_expired(delete, Duration::from_secs(1));
+    // A GetBlob of "a" fails at once and starts no open.
+    let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
+    assert!(h.svc.take_jobs().next().is_none(), "no open while deleting");
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // The worker returns: "a" can be opened again.
+    let out = (h.runner.work(kind))();
+    h.svc.job_done(delete, Some(out));
+    assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
+}
+
+#[test]
+fn a_getblob_during_a_running_delete_waits_for_it() {
+    let (mut h, delete, kind) = evict_a_by_filling_b();
     let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
     assert!(h.replies().is_empty(), "waits for the delete");
     assert!(h.svc.take_jobs().next().is_none());

@@ -255,6 +255,47 @@ fn the_work_dir_lock_goes_with_the_process_on_stop_and_on_kill9() {
     serves(&d, "b", &data);
 }
 
+/// The hand-over an upgrade does: the lock's open file, already locked,
+/// passed across exec as fd 3 named `blobmgr-workdir-lock`. The shell plays
+/// the old daemon: it opens the file read-write as fd 3, locks it with
+/// flock(1) (the lock is the open file's) and execs the new daemon.
+#[test]
+fn a_work_dir_lock_handed_over_as_a_listen_fd_is_adopted() {
+    let mut d = Daemon::prepare(&[]);
+    std::fs::create_dir(&d.workdir).unwrap();
+    let lock = d.workdir.join("lock");
+    d.launcher = sh_launcher(&format!(
+        "exec 3<>'{}' && flock -n 3 && \
+         export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=blobmgr-workdir-lock",
+        lock.display()
+    ));
+    let data = pattern(1 << 20, 4);
+    d.add_blob("b", &data);
+    d.spawn();
+    // No socket was passed: it bound --sock, on the lock it was handed,
+    // which it holds as fd 3 (the only fd on the file), now close-on-exec.
+    serves(&d, "b", &data);
+    assert_eq!(fd_of(d.pid(), lock.to_str().unwrap()), "3");
+    assert_ne!(fd_flags(d.pid(), "3") & nix::libc::O_CLOEXEC as u32, 0);
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        format!("{}\n", d.pid())
+    );
+    let mut second = Daemon::prepare(&[]);
+    second.workdir = d.workdir.clone();
+    second.spawn_unready();
+    let st = wait_exit(second.child.take().unwrap(), DAEMON_WAIT).expect("exits");
+    assert_eq!(st.code(), Some(1));
+    let want = format!(
+        "blobmgr: work dir {} is in use by pid {}",
+        d.workdir.display(),
+        d.pid()
+    );
+    assert_eq!(second.log_text().lines().last(), Some(want.as_str()));
+    assert!(d.stop_with(Signal::SIGTERM).success());
+    assert!(!d.log_text().contains("WARN"), "{}", d.log_text());
+}
+
 #[test]
 fn unit_files_pass_systemd_analyze_verify() {
     need("systemd-analyze");

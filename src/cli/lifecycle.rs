@@ -46,11 +46,17 @@ impl Manager {
 
     /// The listening socket the manager passed, checked and adopted (its
     /// file is never removed by this process); `None` when none was passed.
+    /// Closes the other passed fds but the work dir lock's.
     pub fn listener(&mut self) -> Result<Option<Listener>, Fail> {
-        let Some(fds) = self.fds.as_mut() else {
+        let Some(mut fds) = self.fds.take() else {
             return Ok(None);
         };
-        let Some(fd) = fds.take_listener(LISTENER_FD_NAME)? else {
+        let taken = fds.take_listener(LISTENER_FD_NAME)?;
+        let left = fds.names();
+        if !left.is_empty() {
+            log::warn!("closing passed fds nobody uses: {}", left.join(":"));
+        }
+        let Some(fd) = taken else {
             return Ok(None);
         };
         let l = Listener::from_fd(fd).map_err(|e| Fail(format!("LISTEN_FDS: {e}")))?;
@@ -62,14 +68,8 @@ impl Manager {
     }
 
     /// Locks `workdir` for this process's life, adopting the lock a previous
-    /// daemon passed if it did. Closes the passed fds nobody claimed.
+    /// daemon passed if it did.
     pub fn lock_workdir(&mut self, workdir: &Path) -> Result<WorkdirLock, Fail> {
-        if let Some(fds) = self.fds.take() {
-            let left = fds.names();
-            if !left.is_empty() {
-                log::warn!("closing passed fds nobody uses: {}", left.join(":"));
-            }
-        }
         let lock = match self.lock_fd.take() {
             Some(fd) => WorkdirLock::from_fd(fd, workdir)?,
             None => WorkdirLock::acquire(workdir)?,
@@ -99,12 +99,12 @@ impl Manager {
         }
     }
 
-    /// A stop began: ends the watchdog and tells the manager `STOPPING=1`.
+    /// A stop began: tells the manager `STOPPING=1` and ends the watchdog.
     pub fn stopping(&mut self) {
-        drop(self.watchdog.take());
         if let Some(n) = &self.notifier {
             send(n, "STOPPING=1\nSTATUS=stopping");
         }
+        drop(self.watchdog.take());
     }
 }
 

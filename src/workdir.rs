@@ -98,14 +98,7 @@ impl WorkdirLock {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| ctx("open", &path, e))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(file) => WorkdirLock { file, path }.stamped(),
-            Err((file, Errno::EWOULDBLOCK)) => Err(LockError::InUse {
-                workdir: workdir.to_path_buf(),
-                pid: holder_pid(&file),
-            }),
-            Err((_, e)) => Err(ctx("lock", &path, e)),
-        }
+        WorkdirLock::lock(file, workdir, path)
     }
 
     /// Adopts a lock fd another process passed ([`WorkdirLock::into_fd`]):
@@ -128,6 +121,12 @@ impl WorkdirLock {
         }
         fcntl(&file, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| ctx("fcntl", &path, e))?;
         // On the description that holds it this succeeds at once.
+        WorkdirLock::lock(file, workdir, path)
+    }
+
+    /// Locks `file` (`path`, `workdir`'s lock file) without waiting and
+    /// writes this process's pid into it.
+    fn lock(file: File, workdir: &Path, path: PathBuf) -> Result<WorkdirLock, LockError> {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(file) => WorkdirLock { file, path }.stamped(),
             Err((file, Errno::EWOULDBLOCK)) => Err(LockError::InUse {

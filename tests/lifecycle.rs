@@ -100,11 +100,9 @@ fn fd_flags(pid: i32, fd: &str) -> u32 {
 fn serves(d: &Daemon, id: &str, data: &[u8]) {
     let mut c = d.raw();
     assert_eq!(c.call(&Request::Noop), Reply::Noop);
-    let blob = c.open(1, id).expect("GetBlob");
+    let blob = c.open_ok(id);
     assert_eq!(blob.size(), data.len() as u64);
-    let (start, len) = (data.len() as u64 / 3, 100_000);
-    assert_eq!(c.fetch(blob.token, start, len), (len, 0));
-    assert!(blob.read(start, len) == data[start as usize..(start + len) as usize]);
+    c.fetch_check(&blob, data, data.len() as u64 / 3, 100_000);
 }
 
 #[test]

@@ -3,8 +3,10 @@
 # else: the CNCF distribution registry (package docker-registry) for the
 # registry backend tests, apache2-utils' htpasswd for the registries with
 # basic auth (bcrypt htpasswd entries), util-linux's setpriv for the
-# peer-uid tests, and the openssl command for the HTTPS registry tests (a CA
-# and a server certificate made per test).
+# peer-uid tests, the openssl command for the HTTPS registry tests (a CA and a
+# server certificate made per test), and systemd's systemd-socket-activate
+# and systemd-analyze for the lifecycle tests (package systemd; installing it
+# starts nothing in a container).
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 missing=()
@@ -12,6 +14,8 @@ command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+{ command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null 2>&1 ||
+  missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need ${missing[*]}; run as root or install them" >&2
@@ -19,9 +23,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # --no-install-recommends: the registry binary and htpasswd only, no
-  # service is started.
+  # --no-install-recommends: the binaries only, no service is started.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # A distro package may start its own registry service; the tests start their own.
 command -v docker-registry >/dev/null
+command -v systemd-socket-activate >/dev/null

@@ -17,6 +17,9 @@
 //! `--allow-registry`), [`hosts`] (containerd's hosts.toml: mirrors, TLS,
 //! headers) and [`credentials`] (Docker's config.json and credential
 //! helpers).
+//!
+//! Running under a service manager: [`systemd`] (socket activation and
+//! readiness notification) and [`workdir`] (one daemon per work dir).
 
 pub mod backend;
 pub mod cache;
@@ -34,6 +37,8 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod source;
+pub mod systemd;
+pub mod workdir;
 pub mod worker;
 
 pub use server::{Server, ServerConfig};

@@ -1,10 +1,17 @@
 //! The daemon's listening socket: created with a chosen mode whatever the
 //! umask, never stolen from a daemon that still answers, and removed on drop
-//! only if the path still names the socket this process created.
+//! only if the path still names the socket this process created. A socket
+//! made by someone else (systemd's socket activation, or an older daemon
+//! handing over) is adopted with [`Listener::from_fd`] and never removed.
 
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage,
+    UnixAddr,
+};
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -12,7 +19,9 @@ use std::path::{Path, PathBuf};
 pub struct Listener {
     inner: mio::net::UnixListener,
     path: PathBuf,
-    ident: (u64, u64),
+    /// Device and inode of the socket file this process created, removed on
+    /// drop if the path still names it; `None` for an adopted socket.
+    ident: Option<(u64, u64)>,
 }
 
 fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
@@ -93,7 +102,47 @@ impl Listener {
         Ok(Listener {
             inner: mio::net::UnixListener::from_std(std_listener),
             path: path.to_path_buf(),
-            ident: (meta.dev(), meta.ino()),
+            ident: Some((meta.dev(), meta.ino())),
+        })
+    }
+
+    /// Adopts a socket another process bound and listens on (systemd's
+    /// socket activation, an upgrade's hand-over): it must be a listening
+    /// `AF_UNIX` `SOCK_STREAM` socket bound to a path, which becomes
+    /// [`Listener::path`]. It is made nonblocking and close-on-exec, and the
+    /// file is left in place on drop: whoever made it owns it.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
+        let refuse = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd {} {why}", fd.as_raw_fd()),
+            )
+        };
+        let addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+            .map_err(|e| refuse(format!("is not a socket ({e})")))?;
+        let unix = addr
+            .as_unix_addr()
+            .filter(|_| addr.family() == Some(AddressFamily::Unix));
+        let path = match unix.map(|u| u.path()) {
+            None => return Err(refuse("is not a Unix socket".into())),
+            Some(None) => return Err(refuse("is not bound to a path".into())),
+            Some(Some(p)) => p.to_path_buf(),
+        };
+        let what = format!("({})", path.display());
+        if socket::getsockopt(&fd, sockopt::SockType)? != SockType::Stream {
+            return Err(refuse(format!("{what} is not a stream socket")));
+        }
+        if !socket::getsockopt(&fd, sockopt::AcceptConn)? {
+            return Err(refuse(format!("{what} is not listening")));
+        }
+        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        let std_listener = std::os::unix::net::UnixListener::from(fd);
+        Ok(Listener {
+            inner: mio::net::UnixListener::from_std(std_listener),
+            path,
+            ident: None,
         })
     }
 
@@ -113,8 +162,9 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        let Some(ident) = self.ident else { return };
         if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.ident {
+            if (meta.dev(), meta.ino()) == ident {
                 let _ = fs::remove_file(&self.path);
             }
         }
@@ -145,5 +195,48 @@ mod tests {
         let _l2 = Listener::bind(&p, 0o600, None, 128).unwrap();
         fs::write(d.path().join("plain"), b"x").unwrap();
         assert!(Listener::bind(&d.path().join("plain"), 0o600, None, 128).is_err());
+    }
+
+    #[test]
+    fn adopted_socket_is_checked_made_nonblocking_and_never_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("passed.sock");
+        let std_l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let l = Listener::from_fd(OwnedFd::from(std_l)).unwrap();
+        assert_eq!(l.path(), p);
+        let fl = OFlag::from_bits_retain(fcntl(l.inner(), FcntlArg::F_GETFL).unwrap());
+        assert!(fl.contains(OFlag::O_NONBLOCK));
+        let fd = FdFlag::from_bits_retain(fcntl(l.inner(), FcntlArg::F_GETFD).unwrap());
+        assert!(fd.contains(FdFlag::FD_CLOEXEC));
+        let _c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        assert!(l.inner().accept().is_ok());
+        assert!(l.inner().accept().is_err(), "nonblocking: no second client");
+        drop(l);
+        assert!(p.exists(), "an adopted socket's file is its maker's");
+
+        let refused = |fd: OwnedFd, why: &str| {
+            let e = Listener::from_fd(fd).err().expect("refused");
+            assert!(e.to_string().contains(why), "{e}");
+        };
+        let dgram = std::os::unix::net::UnixDatagram::bind(d.path().join("d.sock")).unwrap();
+        refused(dgram.into(), "not a stream socket");
+        let unbound = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        refused(unbound.into(), "not bound to a path");
+        refused(fs::File::open("/dev/null").unwrap().into(), "not a socket");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        refused(tcp.into(), "not a Unix socket");
+        let bound = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        socket::bind(
+            bound.as_raw_fd(),
+            &UnixAddr::new(&d.path().join("b.sock")).unwrap(),
+        )
+        .unwrap();
+        refused(bound, "not listening");
     }
 }

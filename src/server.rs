@@ -159,9 +159,20 @@ pub struct Server {
 impl Server {
     /// A server with its own mio `Poll`, to be driven by [`Server::run`].
     pub fn new(cfg: ServerConfig, backend: Arc<dyn Backend>) -> io::Result<Server> {
+        Server::with_listener(cfg, backend, None)
+    }
+
+    /// [`Server::new`] accepting on `listener`, a socket made elsewhere
+    /// ([`Listener::from_fd`]: systemd's socket activation); `None` binds
+    /// `cfg.sock` as [`Server::new`] does.
+    pub fn with_listener(
+        cfg: ServerConfig,
+        backend: Arc<dyn Backend>,
+        listener: Option<Listener>,
+    ) -> io::Result<Server> {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
-        let mut s = Server::with_registrar(cfg, backend, Box::new(registry))?;
+        let mut s = Server::build(cfg, backend, Box::new(registry), listener)?;
         s.poll = Some(poll);
         Ok(s)
     }
@@ -174,8 +185,20 @@ impl Server {
         backend: Arc<dyn Backend>,
         registrar: Box<dyn Registrar>,
     ) -> io::Result<Server> {
+        Server::build(cfg, backend, registrar, None)
+    }
+
+    fn build(
+        cfg: ServerConfig,
+        backend: Arc<dyn Backend>,
+        registrar: Box<dyn Registrar>,
+        listener: Option<Listener>,
+    ) -> io::Result<Server> {
         cfg.cache.prepare()?;
-        let listener = Listener::bind(&cfg.sock, cfg.sock_mode, cfg.sock_group, 4096)?;
+        let listener = match listener {
+            Some(l) => l,
+            None => Listener::bind(&cfg.sock, cfg.sock_mode, cfg.sock_group, 4096)?,
+        };
         let pool = WorkerPool::new(cfg.workers)?;
         let (references, allow) = match cfg.references.clone() {
             Some((SharedBackend(b), allow)) => (Some(b), allow),

@@ -53,7 +53,9 @@ pub enum Command {
     /// Serves the blobs of --backend to the clients of --sock, caching them
     /// in --workdir. SIGTERM or SIGINT stops it cleanly (exit status 0,
     /// socket file removed). Settings may come from a TOML file (--config);
-    /// flags given on the command line override it.
+    /// flags given on the command line override it. Under systemd it serves
+    /// the socket passed to it (LISTEN_FDS, left in place at exit) and
+    /// notifies readiness (NOTIFY_SOCKET). One daemon per work dir.
     Serve(ServeOptions),
     /// Check that the daemon answers (one Noop round trip)
     Ping(SockArg),

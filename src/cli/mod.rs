@@ -11,6 +11,7 @@ mod cache_ls;
 mod config;
 mod fetch;
 mod http;
+mod lifecycle;
 mod ping_cat;
 mod serve;
 pub mod size;

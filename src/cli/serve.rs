@@ -1,14 +1,18 @@
 //! `blobmgr serve`: turns the options (flags over the config file) into a
 //! `ServerConfig` and a backend, then runs the daemon until SIGTERM/SIGINT.
 //! The metrics endpoint is always served on `<sock>.metrics`, and also on
-//! every `--metrics` address.
+//! every `--metrics` address. Under systemd (`cli::lifecycle`) it may serve a
+//! passed socket, and tells the manager when it is ready and stopping; the
+//! work dir is locked for the daemon's life either way.
 
 use crate::cli::args::{ServeOptions, DEFAULT_BACKEND, DEFAULT_SOCK, DEFAULT_WORKDIR};
+use crate::cli::lifecycle::Manager;
 use crate::cli::{config, Fail};
 use blobmgr::backend::{Backend, LocalFs};
 use blobmgr::cache::DEFAULT_MIN_FREE;
 use blobmgr::credentials::{Credentials, Env as CredentialEnv};
 use blobmgr::hosts::HostsDir;
+use blobmgr::listener::Listener;
 use blobmgr::metrics::http::MetricsAddr;
 use blobmgr::reference::AllowList;
 use blobmgr::registry::proxy::ProxyEnv;
@@ -29,7 +33,10 @@ const PASSWORD_ENV: &str = "BLOBMGR_REGISTRY_PASSWORD";
 
 /// Runs `serve` with `flags` (the command line) over `--config`'s file.
 pub fn run(flags: ServeOptions) -> Result<(), Fail> {
-    let opts = match &flags.config {
+    // First, while this is the only thread: systemd's variables leave the
+    // environment, so the processes the daemon starts do not see them.
+    let mut manager = Manager::from_env()?;
+    let mut opts = match &flags.config {
         Some(path) => {
             let file = config::load(path)?;
             log::info!("settings from {}", path.display());
@@ -37,10 +44,17 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         }
         None => flags,
     };
+    let listener = manager.listener()?;
+    if let Some(l) = &listener {
+        // The passed socket is the daemon's socket, `<sock>.metrics` included.
+        opts.sock = Some(l.path().to_path_buf());
+    }
     let mut cfg = server_config(&opts)?;
+    // Held until the process exits, taken before the work dir is used.
+    let _lock = manager.lock_workdir(&cfg.cache.workdir)?;
     let backend = backend(&opts, cfg.backend_timeout)?;
     cfg.references = Some(references(&opts, cfg.backend_timeout)?);
-    run_server(cfg, backend)
+    run_server(cfg, backend, listener, &mut manager)
 }
 
 /// The daemon's settings from the merged options.
@@ -222,8 +236,14 @@ fn registry_backend(url: &str, o: &ServeOptions, call_timeout: Duration) -> Resu
     Ok(reg)
 }
 
-/// Runs the server in this thread until SIGTERM or SIGINT.
-fn run_server(cfg: ServerConfig, backend: Arc<dyn Backend>) -> Result<(), Fail> {
+/// Runs the server in this thread until SIGTERM or SIGINT, on `listener`
+/// if one was passed (else it binds `cfg.sock`).
+fn run_server(
+    cfg: ServerConfig,
+    backend: Arc<dyn Backend>,
+    listener: Option<Listener>,
+    manager: &mut Manager,
+) -> Result<(), Fail> {
     raise_fd_limit();
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and the signals are only seen through the signalfd.
@@ -232,14 +252,19 @@ fn run_server(cfg: ServerConfig, backend: Arc<dyn Backend>) -> Result<(), Fail> 
     mask.add(Signal::SIGINT);
     mask.thread_block()?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-    let mut server = Server::new(cfg, backend)?;
-    server.run(Some(sfd.as_fd()))?;
+    let sock = cfg.sock.clone();
+    let status = format!("serving {} on {}", backend.describe(), sock.display());
+    let mut server = Server::with_listener(cfg, backend, listener)?;
+    // The socket listens: a client connecting from now on is served.
+    manager.ready(&status, &sock);
+    let result = server.run(Some(sfd.as_fd()));
+    manager.stopping();
     if let Ok(Some(sig)) = sfd.read_signal() {
         log::info!("signal {} received; shutting down", sig.ssi_signo);
     }
     drop(server);
     log::info!("stopped");
-    Ok(())
+    Ok(result?)
 }
 
 /// Lifts the soft fd limit to the hard one: each client costs an fd.

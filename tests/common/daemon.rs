@@ -36,6 +36,9 @@ pub struct Daemon {
     /// daemon runs in the temp dir, so its default backend directory
     /// (relative) lands there.
     pub backend_arg: bool,
+    /// A command that runs the daemon: `blobmgr serve …` becomes its last
+    /// arguments (e.g. `systemd-socket-activate -l SOCK`). Empty: none.
+    pub launcher: Vec<String>,
     /// Keeps the temp dir alive for the daemon's whole life (and restarts).
     pub dir: Option<tempfile::TempDir>,
     pub log: PathBuf,
@@ -90,6 +93,7 @@ impl Daemon {
             env: Vec::new(),
             env_remove: Vec::new(),
             backend_arg: true,
+            launcher: Vec::new(),
             log: dir.path().join("daemon.log"),
             dir: Some(dir),
         }
@@ -105,6 +109,13 @@ impl Daemon {
     /// Starts the process (again) on the same dirs and waits until it answers.
     pub fn spawn(&mut self) {
         self.spawn_inner(None);
+        self.wait_ready();
+    }
+
+    /// Starts the process and returns at once, for tests that wait for
+    /// something else (a readiness notification, a refusal and exit).
+    pub fn spawn_unready(&mut self) {
+        self.spawn_inner(None);
     }
 
     /// Starts the process through `sh -c 'umask UMASK; exec blobmgr serve …'`
@@ -112,6 +123,7 @@ impl Daemon {
     /// waits until it answers.
     pub fn spawn_with_umask(&mut self, umask: u32) {
         self.spawn_inner(Some(umask));
+        self.wait_ready();
     }
 
     fn spawn_inner(&mut self, umask: Option<u32>) {
@@ -121,15 +133,20 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = match umask {
-            None => Command::new(bin()),
-            Some(umask) => {
+        let mut cmd = match (umask, self.launcher.split_first()) {
+            (Some(umask), _) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
                     .arg(bin());
                 c
             }
+            (None, Some((launcher, args))) => {
+                let mut c = Command::new(launcher);
+                c.args(args).arg(bin());
+                c
+            }
+            (None, None) => Command::new(bin()),
         };
         cmd.arg("serve")
             .arg("--sock")
@@ -163,7 +180,6 @@ impl Daemon {
             .spawn()
             .expect("spawn blobmgr");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Waits until the socket accepts a connection (the probe connection is

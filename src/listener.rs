@@ -160,6 +160,14 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// The socket now belongs to another process too (an upgrade handed it
+    /// over): its file is left in place when this process drops it.
+    pub fn keep_file(&mut self) {
+        self.ident = None;
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         let Some(ident) = self.ident else { return };

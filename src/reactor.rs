@@ -103,6 +103,9 @@ pub struct Reactor {
     msgs: Vec<Message>,
     accept_paused_until: Option<Instant>,
     metrics: Arc<Metrics>,
+    /// Handing over to a new process: no accepting, no reading; what was
+    /// read is answered, then every connection is closed.
+    draining: bool,
 }
 
 impl Reactor {
@@ -126,6 +129,7 @@ impl Reactor {
             msgs: Vec::new(),
             accept_paused_until: None,
             metrics,
+            draining: false,
         })
     }
 
@@ -167,9 +171,31 @@ impl Reactor {
         }
     }
 
+    /// Stops accepting and reading (the listener stays open, its backlog
+    /// for the process taking over): only replies to what was read go out.
+    pub fn begin_drain(&mut self) {
+        self.draining = true;
+        self.backlog.clear();
+        let _ = self.registrar.deregister(self.listener.inner().as_fd());
+        self.listener.keep_file();
+    }
+
+    /// Whether every queued reply has been written.
+    pub fn flushed(&self) -> bool {
+        self.conns.iter().all(|(_, s)| s.conn.pending_output() == 0)
+    }
+
+    /// Closes every connection (the end of a drain).
+    pub fn close_all(&mut self, svc: &mut Service) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, None, svc);
+        }
+    }
+
     /// Accepts every pending connection.
     pub fn accept(&mut self, svc: &mut Service) {
-        if self.accept_paused_until.is_some() {
+        if self.accept_paused_until.is_some() || self.draining {
             return;
         }
         loop {
@@ -255,7 +281,11 @@ impl Reactor {
     /// are ignored.
     pub fn handle_event(&mut self, event: usize, hint: ReadHint, svc: &mut Service) {
         if let Some(key) = self.live_key(ConnId::from_event(event)) {
-            self.serve(key, hint, svc);
+            if self.draining {
+                self.flush(key, svc);
+            } else {
+                self.serve(key, hint, svc);
+            }
         }
         self.flush_listed(svc);
     }
@@ -381,7 +411,7 @@ impl Reactor {
                 continue;
             };
             slot.listed = false;
-            if self.flush(key, svc) && self.resume_reading(key, svc) {
+            if self.flush(key, svc) && !self.draining && self.resume_reading(key, svc) {
                 self.backlog.push(self.conns[key].id);
             }
         }

@@ -407,6 +407,49 @@ impl Server {
         self.deliver();
     }
 
+    /// Hands over to a process that took a copy of the listening socket:
+    /// stops accepting and reading, answers every request already read
+    /// (waiting up to `limit` for the jobs they need), then closes every
+    /// connection. The socket file stays. Needs the server's own `Poll`.
+    pub fn drain(&mut self, limit: Duration) -> io::Result<()> {
+        let mut poll = self.poll.take().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "server is driven by a host loop",
+            )
+        })?;
+        self.reactor.begin_drain();
+        let end = Instant::now() + limit;
+        let mut events = Events::with_capacity(256);
+        let result = loop {
+            if self.service.idle() && self.reactor.flushed() {
+                break Ok(());
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!("handover: requests still waiting after {limit:?}; closing anyway");
+                break Ok(());
+            }
+            let wait = self.next_timeout().map_or(left, |t| t.min(left));
+            if let Err(e) = poll.poll(&mut events, Some(wait)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token().0 {
+                    LISTENER_ID => {}
+                    id => self.dispatch(id),
+                }
+            }
+            self.handle_timeout();
+        };
+        self.reactor.close_all(&mut self.service);
+        self.poll = Some(poll);
+        result
+    }
+
     /// Makes every ready range durable (used at shutdown).
     pub fn checkpoint(&self) {
         for b in self.service.index().blobs() {

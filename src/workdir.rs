@@ -47,6 +47,14 @@ pub struct WorkdirLock {
     path: PathBuf,
 }
 
+impl std::os::fd::AsFd for WorkdirLock {
+    /// The lock's fd: a duplicate of it shares the lock (`flock` belongs to
+    /// the open file description), which is how an upgrade hands it over.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.file)
+    }
+}
+
 /// Why the lock was not taken.
 #[derive(Debug)]
 pub enum LockError {

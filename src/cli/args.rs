@@ -77,11 +77,14 @@ pub enum Command {
     /// Inspect the cache directory without a daemon
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Hand a running daemon over to the installed binary (not yet available)
+    /// Hand a running daemon over to the binary now installed at its path
     ///
-    /// Zero-downtime upgrade: the daemon at --sock would start the binary now
-    /// installed at its path and hand it the listening socket. Not yet
-    /// available in this build: running it only says so and exits non-zero.
+    /// Zero-downtime upgrade: sends SIGUSR2 to the daemon behind --sock (found
+    /// with SO_PEERCRED), which starts the binary installed at the path it was
+    /// started from with the same arguments, hands it the listening socket and
+    /// the work dir lock, answers what it has read and exits. Waits until the
+    /// new daemon answers; if the new binary fails, the old one keeps serving
+    /// and this exits non-zero.
     Upgrade(SockArg),
     /// Serve the blobs as a read-only FUSE file system (not yet available)
     ///

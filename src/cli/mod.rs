@@ -16,6 +16,7 @@ mod ping_cat;
 mod serve;
 pub mod size;
 mod status;
+mod upgrade;
 
 use args::{CacheCommand, Cli, Command};
 use blobmgr::client::Client;
@@ -48,7 +49,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Fetch(a) => fetch::run(a),
         Command::Status(a) => status::run(a),
         Command::Cache(CacheCommand::Ls(a)) => cache_ls::run(a),
-        Command::Upgrade(_) => return not_yet("upgrade"),
+        Command::Upgrade(a) => upgrade::run(&a.sock),
         Command::Mount(_) => return not_yet("mount"),
         Command::Completions(a) => {
             let mut script = Vec::new();

@@ -7,6 +7,7 @@
 
 use crate::cli::args::{ServeOptions, DEFAULT_BACKEND, DEFAULT_SOCK, DEFAULT_WORKDIR};
 use crate::cli::lifecycle::Manager;
+use crate::cli::upgrade::{self, Successor};
 use crate::cli::{config, Fail};
 use blobmgr::backend::{Backend, LocalFs};
 use blobmgr::cache::DEFAULT_MIN_FREE;
@@ -20,6 +21,7 @@ use blobmgr::registry::registries::check_hosts_dir;
 use blobmgr::registry::registries::DEFAULT_COOL_DOWN;
 use blobmgr::registry::{Registries, RegistriesConfig, Registry, RegistryOptions};
 use blobmgr::source::SharedBackend;
+use blobmgr::workdir::WorkdirLock;
 use blobmgr::{Server, ServerConfig};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -36,6 +38,7 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     // First, while this is the only thread: systemd's variables leave the
     // environment, so the processes the daemon starts do not see them.
     let mut manager = Manager::from_env()?;
+    let successor = Successor::record();
     let mut opts = match &flags.config {
         Some(path) => {
             let file = config::load(path)?;
@@ -45,16 +48,21 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         None => flags,
     };
     let listener = manager.listener()?;
-    if let Some(l) = &listener {
-        // The passed socket is the daemon's socket, `<sock>.metrics` included.
+    if let (Some(l), None) = (&listener, &opts.sock) {
+        // The passed socket is the daemon's socket, `<sock>.metrics` included
+        // (a --sock given names it: a socket handed over by an upgrade was
+        // bound under a temporary name before it was linked into place).
         opts.sock = Some(l.path().to_path_buf());
     }
     let mut cfg = server_config(&opts)?;
     // Held until the process exits, taken before the work dir is used.
-    let _lock = manager.lock_workdir(&cfg.cache.workdir)?;
+    let lock = manager.lock_workdir(&cfg.cache.workdir)?;
+    // Started by an upgrade: wait until the old daemon let go of the work dir.
+    upgrade::take_over()?;
     let backend = backend(&opts, cfg.backend_timeout)?;
     cfg.references = Some(references(&opts, cfg.backend_timeout)?);
-    run_server(cfg, backend, listener, &mut manager)
+    let daemon = Daemon { lock, successor };
+    run_server(cfg, backend, listener, &mut manager, daemon)
 }
 
 /// The daemon's settings from the merged options.
@@ -238,31 +246,68 @@ fn registry_backend(url: &str, o: &ServeOptions, call_timeout: Duration) -> Resu
 
 /// Runs the server in this thread until SIGTERM or SIGINT, on `listener`
 /// if one was passed (else it binds `cfg.sock`).
+/// What the daemon keeps for its whole life besides the server.
+struct Daemon {
+    /// Held until the process exits (or handed to a successor).
+    lock: WorkdirLock,
+    successor: Successor,
+}
+
 fn run_server(
     cfg: ServerConfig,
     backend: Arc<dyn Backend>,
     listener: Option<Listener>,
     manager: &mut Manager,
+    daemon: Daemon,
 ) -> Result<(), Fail> {
     raise_fd_limit();
-    // Block the stop signals before any thread starts, so every thread
-    // inherits the mask and the signals are only seen through the signalfd.
+    // Block the signals before any thread starts, so every thread inherits
+    // the mask and the signals are only seen through the signalfd.
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGUSR2);
     mask.thread_block()?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
     let sock = cfg.sock.clone();
     let status = format!("serving {} on {}", backend.describe(), sock.display());
     let mut server = Server::with_listener(cfg, backend, listener)?;
+    // An adopted socket names whoever last called listen(): now this process.
+    upgrade::relisten(server.listener_fd());
     // The socket listens: a client connecting from now on is served.
     manager.ready(&status, &sock);
-    let result = server.run(Some(sfd.as_fd()));
+    let mut handover = None;
+    let result = loop {
+        if let Err(e) = server.run(Some(sfd.as_fd())) {
+            break Err(e);
+        }
+        let signo = match sfd.read_signal() {
+            Ok(Some(sig)) => sig.ssi_signo as i32,
+            _ => continue,
+        };
+        if signo != Signal::SIGUSR2 as i32 {
+            log::info!("signal {signo} received; shutting down");
+            break Ok(());
+        }
+        log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
+        match upgrade::start(&daemon.successor, server.listener_fd(), daemon.lock.as_fd()) {
+            Ok(h) => {
+                handover = Some(h);
+                break server.drain(upgrade::DRAIN_WAIT);
+            }
+            Err(Fail(why)) => {
+                log::error!("{why}");
+                server.metrics().work.upgrades_failed.bump();
+            }
+        }
+    };
     manager.stopping();
-    if let Ok(Some(sig)) = sfd.read_signal() {
-        log::info!("signal {} received; shutting down", sig.ssi_signo);
-    }
     drop(server);
+    drop(daemon);
+    if let Some(h) = handover {
+        log::info!("upgrade: handed over; exiting");
+        h.release();
+    }
     log::info!("stopped");
     Ok(result?)
 }

@@ -152,6 +152,8 @@ pub struct WorkCounters {
     pub fills_started: Counter,
     pub fills_failed: Counter,
     pub jobs_timed_out: Counter,
+    /// Upgrades whose new binary did not take over (the daemon goes on).
+    pub upgrades_failed: Counter,
 }
 
 /// Counters of the reactor's connections.
@@ -304,7 +306,7 @@ impl Metrics {
     fn render_gauges(&self, out: &mut String) {
         let (c, k, w) = (&self.conns, &self.cache, &self.work);
         let uptime = self.start.elapsed().unwrap_or_default().as_secs();
-        let simple: [(&str, &str, &str, u64); 16] = [
+        let simple: [(&str, &str, &str, u64); 17] = [
             (
                 "blobmgr_connections",
                 "gauge",
@@ -394,6 +396,12 @@ impl Metrics {
                 "counter",
                 "Jobs abandoned at --backend-timeout.",
                 w.jobs_timed_out.get(),
+            ),
+            (
+                "blobmgr_upgrades_failed_total",
+                "counter",
+                "Upgrades whose new binary did not take over.",
+                w.upgrades_failed.get(),
             ),
             (
                 "blobmgr_uptime_seconds",

@@ -156,6 +156,11 @@ impl Service {
         self.jobs.take_started()
     }
 
+    /// Whether no request waits on a job (opens, fills, deletes included).
+    pub fn idle(&self) -> bool {
+        self.fetches.is_empty() && self.opening.is_empty() && self.jobs.live() == 0
+    }
+
     /// Requests of `conn` waiting on jobs.
     pub fn waiting(&mut self, conn: ConnId) -> usize {
         session(&mut self.sessions, conn).map_or(0, |s| s.waiting)

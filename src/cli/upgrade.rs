@@ -1,0 +1,278 @@
+//! Zero-downtime upgrade. On SIGUSR2 (sent by `blobmgr upgrade`, or by hand)
+//! the daemon starts the binary installed at the path it was started from,
+//! with the same arguments, and hands it the listening socket and the work
+//! dir lock the way socket activation passes fds (`LISTEN_FDS`, names
+//! `blobmgr` and `blobmgr-workdir-lock`), plus two pipes:
+//!
+//! 1. the new process adopts the socket and the lock, says `READY` on the
+//!    first pipe, and waits for the second to close;
+//! 2. the old one (which kept serving until then) stops accepting and
+//!    reading, answers what it has read, closes its connections, makes the
+//!    cache durable, stops its workers and exits, closing the second pipe;
+//! 3. the new one opens the work dir, calls `listen()` again (so
+//!    `SO_PEERCRED` on the socket names it) and serves what waited in the
+//!    socket's backlog. No connection attempt is refused.
+//!
+//! If the new binary fails before `READY`, the old one logs why and goes on
+//! serving. A client of the client library sees no failed call: it retries
+//! on a new connection a request whose connection closed unanswered (every
+//! request kind is idempotent).
+
+use crate::cli::Fail;
+use blobmgr::client::Client;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Names the pipes of a handover: `READY_FD,RELEASE_FD` in the new process.
+const PIPES_ENV: &str = "BLOBMGR_HANDOVER_PIPES";
+/// How long the new binary may take to say it is ready.
+const READY_WAIT: Duration = Duration::from_secs(20);
+/// How long the old daemon waits for the requests it read.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// What the daemon needs to start its successor, recorded at start: after
+/// an install by rename, `/proc/self/exe` names the deleted old file.
+pub struct Successor {
+    exe: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Successor {
+    /// The binary to start.
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    pub fn record() -> Successor {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("blobmgr"));
+        Successor {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+        }
+    }
+}
+
+/// A started successor that said `READY`: the old daemon drains, exits, and
+/// the release pipe closes with it.
+pub struct Handover {
+    child: Child,
+    release: OwnedFd,
+}
+
+impl Handover {
+    /// The old daemon is done with the work dir: the successor may go on.
+    pub fn release(self) {
+        drop(self.release);
+        // Not waited for: it is the new daemon and outlives this process.
+        drop(self.child);
+    }
+}
+
+fn high_dup(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+/// Starts the successor with the socket and the lock, and waits for its
+/// `READY`. `Err`: it failed; the caller keeps serving.
+pub fn start(
+    s: &Successor,
+    socket: BorrowedFd<'_>,
+    lock: BorrowedFd<'_>,
+) -> Result<Handover, Fail> {
+    let fds = [high_dup(socket)?, high_dup(lock)?];
+    let (ready_r, ready_w_low) = pipe()?;
+    let (release_r_low, release_w) = pipe()?;
+    let ready_w = high_dup(ready_w_low.as_fd())?;
+    let release_r = high_dup(release_r_low.as_fd())?;
+    // Only the child may hold the write end of `ready`: its exit must read
+    // as end of file here.
+    drop((ready_w_low, release_r_low));
+    let sources: [RawFd; 4] = [
+        fds[0].as_raw_fd(),
+        fds[1].as_raw_fd(),
+        ready_w.as_raw_fd(),
+        release_r.as_raw_fd(),
+    ];
+    let mut cmd = Command::new("/bin/sh");
+    // `exec` keeps the shell's pid, so $$ is the daemon's LISTEN_PID.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+        .arg(&s.exe)
+        .args(&s.args)
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "blobmgr:blobmgr-workdir-lock")
+        .env(PIPES_ENV, "5,6")
+        .stdin(Stdio::null());
+    // SAFETY: only dup2, which is async-signal-safe, runs between fork and
+    // exec; every source fd is >= 10, so no target (3-6) overwrites one.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, src) in sources.iter().enumerate() {
+                if nix::libc::dup2(*src, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    log::info!("upgrade: starting {}", s.exe.display());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Fail(format!("upgrade: start {}: {e}", s.exe.display())))?;
+    drop((fds, ready_w, release_r));
+    match wait_ready(ready_r) {
+        Ok(()) => Ok(Handover {
+            child,
+            release: release_w,
+        }),
+        Err(why) => {
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            Err(Fail(format!(
+                "upgrade: the new binary {} did not take over ({why}; {status}); still serving",
+                s.exe.display()
+            )))
+        }
+    }
+}
+
+/// Reads `READY` from the successor within [`READY_WAIT`].
+fn wait_ready(r: OwnedFd) -> Result<(), String> {
+    let mut fds = [nix::poll::PollFd::new(
+        r.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = READY_WAIT.as_millis() as u16;
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+        Ok(0) => return Err(format!("no READY within {READY_WAIT:?}")),
+        Ok(_) => {}
+        Err(e) => return Err(format!("poll: {e}")),
+    }
+    let mut buf = [0u8; 16];
+    let n = std::fs::File::from(r)
+        .read(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if buf[..n].starts_with(b"READY") {
+        Ok(())
+    } else {
+        Err("it exited before saying READY".into())
+    }
+}
+
+/// In a successor: says `READY` and waits until the old daemon released the
+/// work dir. Does nothing in a daemon not started by an upgrade.
+pub fn take_over() -> Result<(), Fail> {
+    let Some(v) = std::env::var_os(PIPES_ENV) else {
+        return Ok(());
+    };
+    std::env::remove_var(PIPES_ENV);
+    let v = v.to_string_lossy().into_owned();
+    let fds: Vec<RawFd> = v.split(',').filter_map(|f| f.parse().ok()).collect();
+    let [ready, release] = fds[..] else {
+        return Err(Fail(format!("{PIPES_ENV}={v}: not two fds")));
+    };
+    // SAFETY: the old daemon passed exactly these two pipe ends; nothing
+    // else in this process knows of them.
+    let (ready, release) = unsafe { (OwnedFd::from_raw_fd(ready), OwnedFd::from_raw_fd(release)) };
+    for fd in [&ready, &release] {
+        fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
+    std::fs::File::from(ready)
+        .write_all(b"READY\n")
+        .map_err(|e| Fail(format!("upgrade: tell the old daemon: {e}")))?;
+    log::info!("upgrade: waiting for the old daemon to release the work dir");
+    let mut rest = Vec::new();
+    let _ = std::fs::File::from(release).read_to_end(&mut rest);
+    log::info!("upgrade: the old daemon is gone; taking over");
+    Ok(())
+}
+
+/// `listen()` again on an adopted socket, so `SO_PEERCRED` names this
+/// process (it names the last process that called it).
+pub fn relisten(fd: BorrowedFd<'_>) {
+    let backlog =
+        nix::sys::socket::Backlog::new(4096).unwrap_or(nix::sys::socket::Backlog::MAXCONN);
+    if let Err(e) = nix::sys::socket::listen(&fd, backlog) {
+        log::warn!("listen() on the adopted socket: {e}");
+    }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// The pid behind the daemon's socket.
+fn daemon_pid(sock: &Path) -> Result<i32, Fail> {
+    let s =
+        UnixStream::connect(sock).map_err(|e| Fail(format!("connect {}: {e}", sock.display())))?;
+    let cred = getsockopt(&s, PeerCredentials)?;
+    Ok(cred.pid())
+}
+
+/// `blobmgr_upgrades_failed_total` of the daemon behind `sock`, if its
+/// metrics answer.
+fn failed_upgrades(sock: &Path) -> Option<f64> {
+    let mut path = sock.as_os_str().to_owned();
+    path.push(".metrics");
+    let ep = crate::cli::http::Endpoint::Unix(path.into());
+    let body = crate::cli::http::get(&ep, "/metrics").ok()?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("blobmgr_upgrades_failed_total "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `blobmgr upgrade`: SIGUSR2 to the daemon behind `sock`, then waits until
+/// a new process answers on it, or the daemon reports the upgrade failed.
+pub fn run(sock: &Path) -> Result<(), Fail> {
+    let old = daemon_pid(sock)?;
+    let failed_before = failed_upgrades(sock);
+    kill(Pid::from_raw(old), Signal::SIGUSR2)
+        .map_err(|e| Fail(format!("signal pid {old}: {e}")))?;
+    let end = Instant::now() + READY_WAIT + DRAIN_WAIT + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(5);
+    while Instant::now() < end {
+        if failed_before.is_some() && failed_upgrades(sock) > failed_before {
+            return Err(Fail(format!(
+                "the new binary did not take over; the daemon (pid {old}) keeps serving (see its log)"
+            )));
+        }
+        let gone = !alive(old);
+        if let Ok(new) = daemon_pid(sock) {
+            if new != old && gone {
+                let c = Client::builder().connect_retries(1).connect(sock)?;
+                c.ping()
+                    .map_err(|e| Fail(format!("ping the new daemon: {e}")))?;
+                println!("upgraded: pid {old} -> {new}");
+                return Ok(());
+            }
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    Err(Fail(format!(
+        "the daemon (pid {old}) did not hand over; it keeps serving if the new binary failed (see its log)"
+    )))
+}

@@ -3,7 +3,7 @@
 use super::raw::Raw;
 use super::wait::{wait_exit, wait_until};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub struct Daemon {
     /// A command that runs the daemon: `blobmgr serve …` becomes its last
     /// arguments (e.g. `systemd-socket-activate -l SOCK`). Empty: none.
     pub launcher: Vec<String>,
+    /// The binary to run instead of the one cargo built (an upgrade test
+    /// runs a copy it can replace).
+    pub exe: Option<PathBuf>,
     /// Keeps the temp dir alive for the daemon's whole life (and restarts).
     pub dir: Option<tempfile::TempDir>,
     pub log: PathBuf,
@@ -94,6 +97,7 @@ impl Daemon {
             env_remove: Vec::new(),
             backend_arg: true,
             launcher: Vec::new(),
+            exe: None,
             log: dir.path().join("daemon.log"),
             dir: Some(dir),
         }
@@ -146,7 +150,7 @@ impl Daemon {
                 c.args(args).arg(bin());
                 c
             }
-            (None, None) => Command::new(bin()),
+            (None, None) => Command::new(self.exe.as_deref().unwrap_or(Path::new(bin()))),
         };
         cmd.arg("serve")
             .arg("--sock")

@@ -1,0 +1,215 @@
+//! Zero-downtime upgrade under load: client-library threads read and check
+//! bytes and a loop keeps connecting while the daemon is upgraded twice with
+//! `blobmgr upgrade` and once with SIGUSR2; a broken new binary leaves the
+//! old daemon serving.
+mod common;
+use blobmgr::client::Client;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::Pid;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+
+/// The pid that last called listen() on the daemon's socket.
+fn daemon_pid(sock: &Path) -> i32 {
+    let s = UnixStream::connect(sock).expect("connect");
+    getsockopt(&s, PeerCredentials).expect("SO_PEERCRED").pid()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Installs `src` at `dst` by rename, as a package manager does.
+fn install(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("new");
+    std::fs::copy(src, &tmp).expect("copy binary");
+    std::fs::rename(&tmp, dst).expect("rename into place");
+}
+
+fn upgrade_cmd(exe: &Path, sock: &Path) -> std::process::Output {
+    Command::new(exe)
+        .args(["upgrade", "--sock"])
+        .arg(sock)
+        .output()
+        .expect("run blobmgr upgrade")
+}
+
+/// Waits until a process other than `old` listens on `sock` and `old` is gone.
+fn handed_over(sock: &Path, old: i32) -> i32 {
+    let mut new = old;
+    let ok = wait_until(Duration::from_secs(60), || {
+        new = daemon_pid(sock);
+        new != old && !alive(old)
+    });
+    assert!(ok, "pid {old} did not hand over (still {new})");
+    new
+}
+
+#[test]
+fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
+    let mut d = Daemon::prepare(&[]);
+    let dir = d.dir.as_ref().unwrap().path().to_path_buf();
+    let exe = dir.join("blobmgr");
+    install(Path::new(bin()), &exe);
+    d.exe = Some(exe.clone());
+    d.spawn();
+    let blobs: Vec<Vec<u8>> = (0..4).map(|i| pattern(6 * MIB, 40 + i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        d.add_blob(&format!("b{i}"), b);
+    }
+    // Warm the cache, then change every backend file: a range fetched again
+    // from the backend would now read wrong bytes.
+    let warm = Client::connect(&d.sock).expect("client");
+    for (i, b) in blobs.iter().enumerate() {
+        let rb = warm.get_blob(&format!("b{i}")).expect("GetBlob");
+        assert_eq!(
+            warm.fetch_range(&rb, 0, b.len() as u64).expect("warm"),
+            b.len() as u64
+        );
+    }
+    for i in 0..blobs.len() {
+        d.add_blob(&format!("b{i}"), &pattern(6 * MIB, 90 + i as u64));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures, refused) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut threads = Vec::new();
+    for t in 0..8u64 {
+        let (sock, blobs, stop) = (d.sock.clone(), blobs.clone(), stop.clone());
+        let (reads, failures) = (reads.clone(), failures.clone());
+        threads.push(std::thread::spawn(move || {
+            let c = Client::connect(&sock).expect("client");
+            let mut rng = Rng::new(300 + t);
+            let opened: Vec<_> = (0..blobs.len())
+                .map(|i| c.get_blob(&format!("b{i}")).expect("GetBlob"))
+                .collect();
+            while !stop.load(Ordering::Relaxed) {
+                let i = rng.below(blobs.len() as u64) as usize;
+                let off = rng.below((6 * MIB - 4096) as u64);
+                let mut buf = vec![0u8; 4096];
+                match c.read_at(&opened[i], &mut buf, off) {
+                    Ok(4096) if buf[..] == blobs[i][off as usize..off as usize + 4096] => {
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        eprintln!(
+                            "thread {t}: read b{i} at {off}: {:?}",
+                            other.map(|_| "wrong bytes")
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let (sock, stop, refused) = (d.sock.clone(), stop.clone(), refused.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Connect, then a Noop (paced by the daemon, not a flood);
+                // only the connect counts: a Noop sent to a daemon that is
+                // handing over may go unanswered by design.
+                match Raw::try_connect(&sock) {
+                    Ok(mut raw) => {
+                        let _ = raw.try_call(&blobmgr::protocol::Request::Noop);
+                    }
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let reads_now = |n: u64| {
+        wait_until(Duration::from_secs(30), || {
+            reads.load(Ordering::Relaxed) >= n
+        })
+    };
+    assert!(reads_now(200), "the readers got going");
+    let mut pid = daemon_pid(&d.sock);
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    for round in 0..3 {
+        // A new build installed by rename each time.
+        install(Path::new(bin()), &exe);
+        if round == 1 {
+            kill(Pid::from_raw(pid), Signal::SIGUSR2).expect("SIGUSR2");
+        } else {
+            let out = upgrade_cmd(&exe, &d.sock);
+            assert!(
+                out.status.success(),
+                "upgrade: {}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.log_text()
+            );
+        }
+        let new = handed_over(&d.sock, pid);
+        let before = reads.load(Ordering::Relaxed);
+        assert!(
+            reads_now(before + 200),
+            "reads go on after upgrade {round}\nlog:\n{}",
+            d.log_text()
+        );
+        pid = new;
+        last.0.store(new as u64, Ordering::Relaxed);
+    }
+    // A broken binary: the daemon keeps serving.
+    let broken = dir.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let good = dir.join("good");
+    install(Path::new(bin()), &good);
+    install(&broken, &exe);
+    let out = upgrade_cmd(&good, &d.sock);
+    assert!(
+        !out.status.success(),
+        "an upgrade to a broken binary must fail"
+    );
+    assert!(
+        alive(pid) && daemon_pid(&d.sock) == pid,
+        "the old daemon keeps serving"
+    );
+    let before = reads.load(Ordering::Relaxed);
+    assert!(
+        reads_now(before + 100),
+        "reads go on after the failed upgrade"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed or wrong reads");
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "refused connects");
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("upgrade: handed over").count(),
+        3,
+        "three handovers:\n{log}"
+    );
+    // Nothing was fetched from the (changed) backend after the warm-up.
+    let fetched_after: Vec<&str> = log.lines().filter(|l| l.contains("fill job")).collect();
+    assert!(
+        fetched_after.is_empty(),
+        "fills after warm-up: {fetched_after:?}"
+    );
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(30), || !alive(pid)),
+        "last daemon stops"
+    );
+    let _: PathBuf = exe;
+}

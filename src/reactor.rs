@@ -171,13 +171,16 @@ impl Reactor {
         }
     }
 
-    /// Stops accepting and reading (the listener stays open, its backlog
-    /// for the process taking over): only replies to what was read go out.
-    pub fn begin_drain(&mut self) {
+    /// Stops accepting and reading: only replies to what was read go out.
+    /// With `handover`, the socket file stays for the process taking over
+    /// (the listener's backlog is its to serve).
+    pub fn begin_drain(&mut self, handover: bool) {
         self.draining = true;
         self.backlog.clear();
         let _ = self.registrar.deregister(self.listener.inner().as_fd());
-        self.listener.keep_file();
+        if handover {
+            self.listener.keep_file();
+        }
     }
 
     /// Whether every queued reply has been written.

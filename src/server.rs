@@ -407,18 +407,20 @@ impl Server {
         self.deliver();
     }
 
-    /// Hands over to a process that took a copy of the listening socket:
-    /// stops accepting and reading, answers every request already read
+    /// Stops accepting and reading, answers every request already read
     /// (waiting up to `limit` for the jobs they need), then closes every
-    /// connection. The socket file stays. Needs the server's own `Poll`.
-    pub fn drain(&mut self, limit: Duration) -> io::Result<()> {
+    /// connection: a graceful stop, or with `handover` the end of this
+    /// process's part in an upgrade (the socket file then stays for the
+    /// process that took a copy of the listening socket). Needs the
+    /// server's own `Poll`.
+    pub fn drain(&mut self, limit: Duration, handover: bool) -> io::Result<()> {
         let mut poll = self.poll.take().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::Unsupported,
                 "server is driven by a host loop",
             )
         })?;
-        self.reactor.begin_drain();
+        self.reactor.begin_drain(handover);
         let end = Instant::now() + limit;
         let mut events = Events::with_capacity(256);
         let result = loop {

@@ -30,6 +30,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a stop (SIGTERM, SIGINT) waits for the requests it already read;
+/// fills still running then are abandoned (nothing unwritten is ever marked
+/// valid) and their requests go unanswered.
+const STOP_DRAIN: Duration = Duration::from_secs(10);
+
 /// Environment variable that may hold the registry password.
 const PASSWORD_ENV: &str = "BLOBMGR_REGISTRY_PASSWORD";
 
@@ -279,6 +284,7 @@ fn run_server(
     let mut handover = None;
     let result = loop {
         if let Err(e) = server.run(Some(sfd.as_fd())) {
+            manager.stopping();
             break Err(e);
         }
         let signo = match sfd.read_signal() {
@@ -286,14 +292,16 @@ fn run_server(
             _ => continue,
         };
         if signo != Signal::SIGUSR2 as i32 {
-            log::info!("signal {signo} received; shutting down");
-            break Ok(());
+            log::info!("signal {signo} received; answering what was read, then stopping");
+            manager.stopping();
+            break server.drain(STOP_DRAIN, false);
         }
         log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
         match upgrade::start(&daemon.successor, server.listener_fd(), daemon.lock.as_fd()) {
             Ok(h) => {
                 handover = Some(h);
-                break server.drain(upgrade::DRAIN_WAIT);
+                manager.stopping();
+                break server.drain(upgrade::DRAIN_WAIT, true);
             }
             Err(Fail(why)) => {
                 log::error!("{why}");
@@ -301,7 +309,6 @@ fn run_server(
             }
         }
     };
-    manager.stopping();
     drop(server);
     drop(daemon);
     if let Some(h) = handover {

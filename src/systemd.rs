@@ -147,6 +147,8 @@ fn notify_addr(value: &OsStr) -> io::Result<SocketAddr> {
 pub struct Notifier {
     sock: UnixDatagram,
     addr: SocketAddr,
+    /// `NOTIFY_SOCKET` as it was, to pass on to a successor (an upgrade).
+    env: Option<std::ffi::OsString>,
 }
 
 impl Notifier {
@@ -159,7 +161,9 @@ impl Notifier {
             Some(v) if !v.is_empty() => {
                 let addr =
                     notify_addr(&v).map_err(|e| invalid(format!("NOTIFY_SOCKET={v:?}: {e}")))?;
-                Ok(Some(Notifier::to(addr)?))
+                let mut n = Notifier::to(addr)?;
+                n.env = Some(v);
+                Ok(Some(n))
             }
             _ => Ok(None),
         }
@@ -169,7 +173,17 @@ impl Notifier {
     pub fn to(addr: SocketAddr) -> io::Result<Notifier> {
         // std creates it close-on-exec.
         let sock = UnixDatagram::unbound()?;
-        Ok(Notifier { sock, addr })
+        Ok(Notifier {
+            sock,
+            addr,
+            env: None,
+        })
+    }
+
+    /// The `NOTIFY_SOCKET` value this notifier came from, if it came from
+    /// the environment.
+    pub fn env_value(&self) -> Option<&std::ffi::OsStr> {
+        self.env.as_deref()
     }
 
     /// Sends `lines` (`KEY=VALUE`, newline-separated) as one datagram.

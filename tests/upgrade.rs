@@ -226,3 +226,51 @@ impl Drop for Successor {
         }
     }
 }
+
+/// Under a service manager: the old daemon says RELOADING=1, the new one
+/// READY=1 with its own MAINPID, so the manager follows the new process.
+#[test]
+fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
+    use std::os::unix::net::UnixDatagram;
+    let mut d = Daemon::prepare(&[]);
+    let dir = d.dir.as_ref().unwrap().path().to_path_buf();
+    let exe = dir.join("blobmgr");
+    install(Path::new(bin()), &exe);
+    d.exe = Some(exe.clone());
+    let notify = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notify.display().to_string()));
+    d.spawn();
+    let mut buf = [0u8; 4096];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = next();
+    assert!(first.contains("READY=1"), "{first}");
+    let old = daemon_pid(&d.sock);
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let out = upgrade_cmd(&exe, &d.sock);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    let said: Vec<String> = (0..2).map(|_| next()).collect();
+    assert!(
+        said[0].contains("RELOADING=1"),
+        "old daemon first: {said:?}"
+    );
+    assert!(
+        said[1].contains("READY=1") && said[1].contains(&format!("MAINPID={new}")),
+        "then the new one, with its pid: {said:?}"
+    );
+    let _ = kill(Pid::from_raw(new), Signal::SIGTERM);
+    assert!(wait_until(Duration::from_secs(30), || !alive(new)));
+    drop(last);
+}

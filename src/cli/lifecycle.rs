@@ -99,6 +99,22 @@ impl Manager {
         }
     }
 
+    /// `NOTIFY_SOCKET` for a successor (an upgrade), which then tells the
+    /// manager its own `MAINPID` and `READY=1` (the unit needs
+    /// `NotifyAccess=all` for the manager to listen to it).
+    pub fn notify_socket(&self) -> Option<std::ffi::OsString> {
+        self.notifier.as_ref()?.env_value().map(|v| v.to_owned())
+    }
+
+    /// An upgrade began: tells the manager `RELOADING=1` (the successor
+    /// will say `READY=1` with its own `MAINPID`) and ends the watchdog.
+    pub fn reloading(&mut self) {
+        if let Some(n) = &self.notifier {
+            send(n, "RELOADING=1\nSTATUS=handing over to a new binary");
+        }
+        drop(self.watchdog.take());
+    }
+
     /// A stop began: tells the manager `STOPPING=1` and ends the watchdog.
     pub fn stopping(&mut self) {
         if let Some(n) = &self.notifier {

@@ -297,10 +297,12 @@ fn run_server(
             break server.drain(STOP_DRAIN, false);
         }
         log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
-        match upgrade::start(&daemon.successor, server.listener_fd(), daemon.lock.as_fd()) {
+        let notify = manager.notify_socket();
+        let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
+        match upgrade::start(&daemon.successor, socket, lock, notify) {
             Ok(h) => {
                 handover = Some(h);
-                manager.stopping();
+                manager.reloading();
                 break server.drain(upgrade::DRAIN_WAIT, true);
             }
             Err(Fail(why)) => {

@@ -94,6 +94,7 @@ pub fn start(
     s: &Successor,
     socket: BorrowedFd<'_>,
     lock: BorrowedFd<'_>,
+    notify_socket: Option<OsString>,
 ) -> Result<Handover, Fail> {
     let fds = [high_dup(socket)?, high_dup(lock)?];
     let (ready_r, ready_w_low) = pipe()?;
@@ -119,6 +120,9 @@ pub fn start(
         .env("LISTEN_FDNAMES", "blobmgr:blobmgr-workdir-lock")
         .env(PIPES_ENV, "5,6")
         .stdin(Stdio::null());
+    if let Some(v) = notify_socket {
+        cmd.env("NOTIFY_SOCKET", v);
+    }
     // SAFETY: only dup2, which is async-signal-safe, runs between fork and
     // exec; every source fd is >= 10, so no target (3-6) overwrites one.
     unsafe {

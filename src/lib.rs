@@ -17,6 +17,9 @@
 //! `--allow-registry`), [`hosts`] (containerd's hosts.toml: mirrors, TLS,
 //! headers) and [`credentials`] (Docker's config.json and credential
 //! helpers).
+//!
+//! [`mount`](mod@mount) is a client of the daemon: the blobs as a read-only FUSE
+//! file system (`blobmgr mount`).
 
 pub mod backend;
 pub mod cache;
@@ -27,6 +30,7 @@ pub mod hosts;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;
+pub mod mount;
 pub mod protocol;
 pub mod reactor;
 pub mod reference;

@@ -11,6 +11,7 @@ mod cache_ls;
 mod config;
 mod fetch;
 mod http;
+mod mount;
 mod ping_cat;
 mod serve;
 pub mod size;
@@ -48,7 +49,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(a) => status::run(a),
         Command::Cache(CacheCommand::Ls(a)) => cache_ls::run(a),
         Command::Upgrade(_) => return not_yet("upgrade"),
-        Command::Mount(_) => return not_yet("mount"),
+        Command::Mount(a) => mount::run(a),
         Command::Completions(a) => {
             let mut script = Vec::new();
             clap_complete::generate(a.shell, &mut Cli::command(), "blobmgr", &mut script);

@@ -187,7 +187,7 @@ fn run_server(cfg: ServerConfig, backend: Arc<dyn Backend>) -> Result<(), Fail> 
 }
 
 /// Lifts the soft fd limit to the hard one: each client costs an fd.
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {

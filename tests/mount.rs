@@ -297,6 +297,7 @@ fn check_erofs_tree(
         fs::read(tree.root.join(tree.small)).unwrap()
     );
     let n = pulled();
+    eprintln!("one small file of a {image_len}-byte image pulled {n} bytes");
     assert!(
         n > 0 && n as usize <= image_len / 4,
         "one small file pulled {n} of {image_len} bytes"
@@ -346,19 +347,46 @@ fn erofs_image_from_a_local_backend_mounts_lazily() {
     assert!(!is_mounted(&m.dir));
 }
 
+/// Builds the tree and its EROFS image and pushes the image to a new
+/// registry as a blob of `test/rootfs`: (tree, image bytes, registry, hex).
+fn pushed_image(tmp: &Path, seed: u64) -> (tree::Tree, Vec<u8>, Registry, String) {
+    let tree = tree::build(&tmp.join("src"), &mut Rng::new(seed));
+    let image_path = tmp.join("rootfs.erofs");
+    tree::mkfs(&image_path, &tree.root);
+    let image = fs::read(&image_path).unwrap();
+    let reg = Registry::start();
+    let hex = reg.push("test/rootfs", &image);
+    (tree, image, reg, hex)
+}
+
+/// The image at `file` (a blob pulled from `reg` through the mount `m`)
+/// mounted straight from the file (no loop device) and checked; `restart`
+/// restarts the daemon; then SIGTERM unmounts.
+fn check_registry_image(
+    tmp: &Path,
+    (tree, image, reg, hex): (&tree::Tree, &[u8], &Registry, &str),
+    m: &mut Mounted,
+    file: &Path,
+    restart: &mut dyn FnMut(),
+) {
+    let root = tmp.join("root");
+    fs::create_dir(&root).unwrap();
+    let e = ErofsMount::from_file(file, &root);
+    let pulled = || reg.blob_bytes_sent("test/rootfs", hex);
+    check_erofs_tree(tree, &root, image.len(), &pulled, restart);
+    drop(e);
+    assert!(m.stop_with(Signal::SIGTERM).success(), "{}", m.log_text());
+    assert!(wait_until(Duration::from_secs(5), || !is_mounted(&m.dir)));
+}
+
 /// The headline: an EROFS image pushed to a real registry, mounted by
-/// reference through a daemon that has no `--backend` at all.
+/// reference (`MOUNTPOINT/127.0.0.1:PORT/test/rootfs@sha256:HEX`) through
+/// a daemon that has no `--backend` at all.
 #[test]
 fn erofs_image_from_a_registry_by_reference() {
     require_erofs();
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tree::build(&tmp.path().join("src"), &mut Rng::new(8));
-    let image_path = tmp.path().join("rootfs.erofs");
-    tree::mkfs(&image_path, &tree.root);
-    let image = fs::read(&image_path).unwrap();
-    let reg = Registry::start();
-    let repo = "test/rootfs";
-    let hex = reg.push(repo, &image);
+    let (tree, image, reg, hex) = pushed_image(tmp.path(), 8);
     let mut d = RefDaemon::start();
     let mut m = Mounted::start(&d.sock, &[]);
     let file = m
@@ -373,16 +401,28 @@ fn erofs_image_from_a_registry_by_reference() {
         )
     });
     assert_eq!(meta.len(), image.len() as u64);
-    let root = tmp.path().join("root");
-    fs::create_dir(&root).unwrap();
-    // EROFS straight from the file (no loop device).
-    let e = ErofsMount::from_file(&file, &root);
-    let pulled = || reg.blob_bytes_sent(repo, &hex);
-    check_erofs_tree(&tree, &root, image.len(), &pulled, &mut || {
+    let parts = (&tree, &image[..], &reg, &hex[..]);
+    check_registry_image(tmp.path(), parts, &mut m, &file, &mut || {
         d.kill9();
         d.spawn();
     });
-    drop(e);
-    assert!(m.stop_with(Signal::SIGTERM).success(), "{}", m.log_text());
-    assert!(wait_until(Duration::from_secs(5), || !is_mounted(&m.dir)));
+}
+
+/// The same image from the same registry through a daemon whose
+/// `--backend` is the repository, by plain id (`MOUNTPOINT/sha256:HEX`).
+#[test]
+fn erofs_image_from_a_registry_backend() {
+    require_erofs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (tree, image, reg, hex) = pushed_image(tmp.path(), 9);
+    let url = format!("{}/test/rootfs", reg.base());
+    let mut d = Daemon::start(&["--backend", &url]);
+    let mut m = Mounted::start(&d.sock, &[]);
+    let file = m.path(&format!("sha256:{hex}"));
+    assert_eq!(fs::metadata(&file).unwrap().len(), image.len() as u64);
+    let parts = (&tree, &image[..], &reg, &hex[..]);
+    check_registry_image(tmp.path(), parts, &mut m, &file, &mut || {
+        d.kill9();
+        d.spawn();
+    });
 }

@@ -17,6 +17,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+thread_local! {
+    /// The read buffer of each thread serving the mount.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// How many times one read retries a fetch whose blob was re-opened (a new
 /// fd) while it ran.
 const MAX_SWAPS: u32 = 3;
@@ -108,10 +113,19 @@ impl BlobFile {
         self.size.div_ceil(self.granule)
     }
 
-    /// Reads up to `len` bytes at `offset` (fewer only at the blob's end).
-    pub fn read(&self, client: &Client, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+    /// Reads up to `len` bytes at `offset` (fewer only at the blob's end)
+    /// and hands them to `reply`. The bytes are read into a buffer kept per
+    /// thread: a fresh 128 KiB allocation per read would be an mmap and
+    /// munmap each time, which cost more than the read itself.
+    pub fn read_with<R>(
+        &self,
+        client: &Client,
+        offset: u64,
+        len: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> io::Result<R> {
         if offset >= self.size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(reply(&[]));
         }
         let end = offset.saturating_add(len as u64).min(self.size);
         let (g0, g1) = (offset / self.granule, (end - 1) / self.granule);
@@ -119,14 +133,20 @@ impl BlobFile {
             Some(known) => known,
             None => self.fetch(client, g0, g1)?,
         };
-        let mut buf = vec![0u8; (end - offset) as usize];
-        file.read_exact_at(&mut buf, base + offset).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("pread of blob {:?} at {offset}: {e}", self.id()),
-            )
-        })?;
-        Ok(buf)
+        let n = (end - offset) as usize;
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            file.read_exact_at(&mut buf[..n], base + offset)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("pread of blob {:?} at {offset}: {e}", self.id()),
+                    )
+                })
+                .map(|()| reply(&buf[..n]))
+        })
     }
 
     /// The fd and base in which granules `g0..=g1` are all known valid.

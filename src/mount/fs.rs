@@ -302,12 +302,16 @@ impl Filesystem for BlobFs {
         let Some(blob) = lock(&self.handles).get(&fh.0).map(|h| h.blob.clone()) else {
             return reply.error(Errno::EBADF);
         };
-        match blob.read(&self.client, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                log::warn!("mount: read of {:?} at {offset}+{size}: {e}", blob.id());
-                reply.error(errno_of(&e))
+        // The reply goes to the closure on success and stays here otherwise.
+        let mut reply = Some(reply);
+        let sent = blob.read_with(&self.client, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data)
             }
+        });
+        if let (Err(e), Some(r)) = (sent, reply) {
+            log::warn!("mount: read of {:?} at {offset}+{size}: {e}", blob.id());
+            r.error(errno_of(&e))
         }
     }
 

@@ -14,6 +14,8 @@ pub const FSTYPE: &str = "fuse.blobmgr";
 /// One line of /proc/self/mountinfo: where, what type, from what.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The file system's device, `MAJOR:MINOR`.
+    pub dev: String,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -55,6 +57,7 @@ pub fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let mut right = right.split(' ');
     let (fstype, source, superopts) = (right.next()?, right.next()?, right.next().unwrap_or(""));
     Some(MountEntry {
+        dev: left.get(2)?.to_string(),
         mountpoint: PathBuf::from(unescape(left.get(4)?)),
         fstype: fstype.to_string(),
         source: unescape(source),
@@ -170,6 +173,15 @@ fn check_dir(abs: &Path, path: &Path) -> io::Result<PathBuf> {
     Ok(abs.to_path_buf())
 }
 
+/// Sets the kernel's read-ahead of the file system mounted at `path` (its
+/// backing device info, `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`).
+pub fn set_read_ahead(path: &Path, bytes: u64) -> io::Result<()> {
+    let m = mount_at(path).ok_or_else(|| io::Error::other("not in mountinfo"))?;
+    let knob = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
+    std::fs::write(&knob, format!("{}\n", bytes / 1024))
+        .map_err(|e| io::Error::new(e.kind(), format!("{knob}: {e}")))
+}
+
 /// Detaches the mount at `path` lazily (MNT_DETACH): it leaves the tree at
 /// once and goes away when its last user does.
 pub fn detach(path: &Path) -> io::Result<()> {
@@ -186,6 +198,7 @@ mod tests {
                     fuse.blobmgr blobmgr ro,user_id=0,group_id=0";
         let m = parse_mountinfo_line(line).unwrap();
         assert_eq!(m.mountpoint, PathBuf::from("/tmp/a b"));
+        assert_eq!(m.dev, "0:93");
         assert_eq!(m.fstype, "fuse.blobmgr");
         assert_eq!(m.source, "blobmgr");
         assert!(m.options.contains("nosuid") && m.options.contains("user_id=0"));

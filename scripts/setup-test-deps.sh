@@ -7,6 +7,10 @@
 # server certificate made per test), and systemd's systemd-socket-activate
 # and systemd-analyze for the lifecycle tests (package systemd; installing it
 # starts nothing in a container).
+# erofs-utils (mkfs.erofs) for the mount tests, which build an EROFS image.
+# FUSE itself needs no package: `blobmgr mount` runs as root and mounts
+# through /dev/fuse with mount(2) (fusermount3, package fuse3, is only for
+# mounting as another user).
 # Idempotent; does nothing when everything is present.
 set -euo pipefail
 missing=()
@@ -16,6 +20,7 @@ command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null 2>&1 ||
   missing+=(systemd)
+command -v mkfs.erofs >/dev/null 2>&1 || missing+=(erofs-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need ${missing[*]}; run as root or install them" >&2

@@ -20,6 +20,8 @@
 //!
 //! Running under a service manager: [`systemd`] (socket activation and
 //! readiness notification) and [`workdir`] (one daemon per work dir).
+//! [`mount`](mod@mount) is a client of the daemon: the blobs as a read-only FUSE
+//! file system (`blobmgr mount`).
 
 pub mod backend;
 pub mod cache;
@@ -30,6 +32,7 @@ pub mod hosts;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;
+pub mod mount;
 pub mod protocol;
 pub mod reactor;
 pub mod reference;

@@ -222,23 +222,27 @@ fn version_names_the_commit_when_built_from_git() {
 }
 
 #[test]
-fn mount_is_not_yet_available() {
-    let o = run(&["mount", "/mnt"]);
-    assert_eq!(
-        one_line_failure(&o).trim(),
-        "blobmgr mount: not yet available in this build"
-    );
-    let help = stdout(&run(&["mount", "--help"]));
-    assert!(help.contains("Not yet available"), "{help}");
-}
-
-#[test]
 fn upgrade_without_a_daemon_names_the_socket() {
     let o = run(&["upgrade", "--sock", "/nonexistent/blobmgr.sock"]);
     let line = one_line_failure(&o);
     assert!(
         line.contains("/nonexistent/blobmgr.sock"),
         "the error names the socket: {line}"
+    );
+}
+
+#[test]
+fn mount_without_a_daemon_fails_in_one_line() {
+    // (tests/mount.rs mounts for real; this only checks the front end.)
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let o = run(&["mount", "--sock", sock.to_str().unwrap(), "/mnt"]);
+    let line = one_line_failure(&o);
+    assert!(line.contains("no daemon answers on"), "{line}");
+    let help = stdout(&run(&["mount", "--help"]));
+    assert!(
+        help.contains("--allow-other") && help.contains("MOUNTPOINT"),
+        "{help}"
     );
 }
 

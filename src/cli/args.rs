@@ -86,11 +86,17 @@ pub enum Command {
     /// new daemon answers; if the new binary fails, the old one keeps serving
     /// and this exits non-zero.
     Upgrade(SockArg),
-    /// Serve the blobs as a read-only FUSE file system (not yet available)
+    /// Serve the blobs as a read-only FUSE file system
     ///
-    /// Every blob id would be a file of the blob's size under MOUNTPOINT,
-    /// whose reads fetch only the ranges they touch. Not yet available in this
-    /// build: running it only says so and exits non-zero.
+    /// Every blob id is a read-only file of the blob's size under
+    /// MOUNTPOINT: `MOUNTPOINT/ID` for a plain id, and for a reference
+    /// `MOUNTPOINT/HOST[:PORT]/REPO/.../NAME@sha256:HEX` (directories are
+    /// virtual and list empty). A read fetches only the granules it touches;
+    /// the page cache keeps them. A file-system image stored as a blob
+    /// (EROFS, squashfs) can then be mounted lazily from its file. Runs in
+    /// the foreground as a client of the daemon at --sock; SIGTERM or SIGINT
+    /// unmounts and exits 0. A dead mount left at MOUNTPOINT by a crash is
+    /// replaced. See docs/MOUNT.md.
     Mount(MountArgs),
     /// Print a shell completion script to standard output
     ///
@@ -176,7 +182,29 @@ pub struct CacheLsArgs {
 pub struct MountArgs {
     #[command(flatten)]
     pub sock: SockArg,
-    /// Where to mount the file system
+    /// Let users other than the mounting one use the mount (FUSE allow_other)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Unit reads are rounded out to; set it to the daemon's --granule
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "1M",
+        allow_negative_numbers = true
+    )]
+    pub granule: Size,
+    /// Pass opens of complete blobs through to the cache file (FUSE passthrough);
+    /// an EROFS image can then only be mounted from its file through a loop device
+    #[arg(long)]
+    pub passthrough: bool,
+    /// Threads serving file system requests
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// Seconds a call to the daemon may take (a read waiting longer fails with EIO)
+    #[arg(long, value_name = "SECS", default_value = "30")]
+    pub timeout: Seconds,
+    /// Where to mount the file system (an existing directory)
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
 }

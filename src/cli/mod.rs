@@ -12,6 +12,7 @@ mod config;
 mod fetch;
 mod http;
 mod lifecycle;
+mod mount;
 mod ping_cat;
 mod serve;
 pub mod size;
@@ -50,7 +51,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(a) => status::run(a),
         Command::Cache(CacheCommand::Ls(a)) => cache_ls::run(a),
         Command::Upgrade(a) => upgrade::run(&a.sock),
-        Command::Mount(_) => return not_yet("mount"),
+        Command::Mount(a) => mount::run(a),
         Command::Completions(a) => {
             let mut script = Vec::new();
             clap_complete::generate(a.shell, &mut Cli::command(), "blobmgr", &mut script);
@@ -64,12 +65,6 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A command the contract names but this build does not have yet.
-fn not_yet(cmd: &str) -> ExitCode {
-    eprintln!("blobmgr {cmd}: not yet available in this build");
-    ExitCode::FAILURE
 }
 
 /// Writes a command's output to standard output: an error (a closed pipe)

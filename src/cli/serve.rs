@@ -322,7 +322,7 @@ fn run_server(
 }
 
 /// Lifts the soft fd limit to the hard one: each client costs an fd.
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {

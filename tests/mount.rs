@@ -12,8 +12,7 @@
 mod common;
 mod mount_util;
 
-use common::{pattern, wait_exit, wait_until, Daemon, Rng};
-use mount_util::registry::{RefDaemon, Registry};
+use common::{pattern, wait_exit, wait_until, Daemon, Registry, Rng};
 use mount_util::{cached_bytes, is_mounted, require_erofs, require_fuse, tree};
 use mount_util::{spawn_mount, wait_unmounted, ErofsMount, Mounted};
 use nix::sys::signal::Signal;
@@ -372,7 +371,10 @@ fn check_registry_image(
     let root = tmp.join("root");
     fs::create_dir(&root).unwrap();
     let e = ErofsMount::from_file(file, &root);
-    let pulled = || reg.blob_bytes_sent("test/rootfs", hex);
+    let pulled = || {
+        reg.sync_log();
+        reg.blob_get_bytes(hex)
+    };
     check_erofs_tree(tree, &root, image.len(), &pulled, restart);
     drop(e);
     assert!(m.stop_with(Signal::SIGTERM).success(), "{}", m.log_text());
@@ -387,7 +389,11 @@ fn erofs_image_from_a_registry_by_reference() {
     require_erofs();
     let tmp = tempfile::tempdir().unwrap();
     let (tree, image, reg, hex) = pushed_image(tmp.path(), 8);
-    let mut d = RefDaemon::start();
+    // No --backend: references only.
+    let mut d = Daemon::prepare(&[]);
+    d.backend_arg = false;
+    d.isolate_registry_env();
+    d.spawn();
     let mut m = Mounted::start(&d.sock, &[]);
     let file = m
         .dir
@@ -397,7 +403,7 @@ fn erofs_image_from_a_registry_by_reference() {
     let meta = fs::metadata(&file).unwrap_or_else(|e| {
         panic!(
             "lookup of the reference failed ({e}); daemon log:\n{}",
-            d.log()
+            d.log_text()
         )
     });
     assert_eq!(meta.len(), image.len() as u64);

@@ -1,10 +1,9 @@
 //! Harness of tests/mount.rs: `blobmgr mount` as a guarded child process,
 //! prerequisites that fail loudly, EROFS images and trees to compare, the
-//! cache as `blobmgr cache ls` sees it, and (copied, see below) a real
-//! docker-registry and a daemon started without `--backend`.
+//! cache as `blobmgr cache ls` sees it. Registries and daemons come from
+//! the shared harness in tests/common.
 #![allow(dead_code)]
 
-pub mod registry;
 pub mod tree;
 
 use crate::common::{bin, wait_exit, wait_until, DAEMON_WAIT};

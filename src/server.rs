@@ -35,7 +35,8 @@ pub use crate::reactor::{Registrar, LISTENER_ID};
 pub const COMPLETIONS_ID: usize = usize::MAX - 1;
 const STOP_ID: usize = usize::MAX - 2;
 
-/// Everything the daemon is configured with.
+/// Everything the daemon is configured with. A flat list, one field per
+/// setting of `serve` (grouping them would only split that list).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub sock: PathBuf,

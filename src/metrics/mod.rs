@@ -304,9 +304,34 @@ impl Metrics {
     }
 
     fn render_gauges(&self, out: &mut String) {
-        let (c, k, w) = (&self.conns, &self.cache, &self.work);
+        for (name, kind, help, v) in self.conn_rows().into_iter().chain(self.cache_rows()) {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        header(
+            out,
+            "blobmgr_evictions_total",
+            "counter",
+            "Blobs evicted, by cause.",
+        );
+        let k = &self.cache;
+        let causes = [
+            ("size", &k.evictions_size),
+            ("min_free", &k.evictions_min_free),
+            ("enospc", &k.evictions_no_space),
+        ];
+        for (cause, n) in causes {
+            let n = n.get();
+            let _ = writeln!(out, "blobmgr_evictions_total{{cause=\"{cause}\"}} {n}");
+        }
+    }
+
+    /// Families without labels about connections and the daemon itself:
+    /// (name, type, help, value).
+    fn conn_rows(&self) -> Vec<Row> {
+        let (c, w) = (&self.conns, &self.work);
         let uptime = self.start.elapsed().unwrap_or_default().as_secs();
-        let simple: [(&str, &str, &str, u64); 17] = [
+        vec![
             (
                 "blobmgr_connections",
                 "gauge",
@@ -343,6 +368,25 @@ impl Metrics {
                 "Protocol requests decoded.",
                 w.received.get(),
             ),
+            (
+                "blobmgr_upgrades_failed_total",
+                "counter",
+                "Upgrades whose new binary did not take over.",
+                w.upgrades_failed.get(),
+            ),
+            (
+                "blobmgr_uptime_seconds",
+                "gauge",
+                "Seconds since the daemon started.",
+                uptime,
+            ),
+        ]
+    }
+
+    /// Families without labels about the cache and its jobs.
+    fn cache_rows(&self) -> Vec<Row> {
+        let (k, w) = (&self.cache, &self.work);
+        vec![
             (
                 "blobmgr_cache_bytes",
                 "gauge",
@@ -397,40 +441,12 @@ impl Metrics {
                 "Jobs abandoned at --backend-timeout.",
                 w.jobs_timed_out.get(),
             ),
-            (
-                "blobmgr_upgrades_failed_total",
-                "counter",
-                "Upgrades whose new binary did not take over.",
-                w.upgrades_failed.get(),
-            ),
-            (
-                "blobmgr_uptime_seconds",
-                "gauge",
-                "Seconds since the daemon started.",
-                uptime,
-            ),
-        ];
-        for (name, kind, help, v) in simple {
-            header(out, name, kind, help);
-            let _ = writeln!(out, "{name} {v}");
-        }
-        header(
-            out,
-            "blobmgr_evictions_total",
-            "counter",
-            "Blobs evicted, by cause.",
-        );
-        let causes = [
-            ("size", &k.evictions_size),
-            ("min_free", &k.evictions_min_free),
-            ("enospc", &k.evictions_no_space),
-        ];
-        for (cause, n) in causes {
-            let n = n.get();
-            let _ = writeln!(out, "blobmgr_evictions_total{{cause=\"{cause}\"}} {n}");
-        }
+        ]
     }
 }
+
+/// A family without labels: name, type, help, value.
+type Row = (&'static str, &'static str, &'static str, u64);
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

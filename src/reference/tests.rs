@@ -10,6 +10,7 @@ fn id(name: &str) -> String {
 }
 
 #[test]
+// A table of cases: long, but one line each.
 fn malformed_references_fail_with_the_right_error() {
     let long_repo = format!("example.com/{}", "a".repeat(MAX_REFERENCE_LEN));
     let cases: Vec<(String, ReferenceError)> = vec![
@@ -113,6 +114,7 @@ fn a_repository_longer_than_255_bytes_is_refused() {
 }
 
 #[test]
+// A table of cases: long, but one line each.
 fn valid_references_parse_and_normalise() {
     // (input, host authority, registry authority, port, repository)
     let cases: &[(&str, &str, &str, Option<u16>, &str)] = &[

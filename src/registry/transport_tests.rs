@@ -1,0 +1,256 @@
+//! Tests of `transport`.
+
+use super::*;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::thread::JoinHandle;
+
+/// A loopback server on `ip` that takes exactly `answers.len()`
+/// connections, reads one request head from each and writes the next
+/// canned answer. Joining it gives the request heads.
+fn serve(ip: &str, answers: Vec<String>) -> (Url, JoinHandle<Vec<String>>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let base = Url::parse(&format!("http://{}/", l.local_addr().unwrap())).unwrap();
+    let h = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for a in answers {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            while r.read_line(&mut head).unwrap() > 2 {}
+            s.write_all(a.as_bytes()).unwrap();
+            heads.push(head);
+        }
+        heads
+    });
+    (base, h)
+}
+
+fn answer(status: &str, headers: &str) -> String {
+    format!("HTTP/1.1 {status}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+}
+
+fn http(timeout_ms: u64) -> Http {
+    Http::new(&RegistryOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        retries: 2,
+        backoff: Duration::from_millis(1),
+        ..RegistryOptions::default()
+    })
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// `follow` against `answers`, expecting a failure.
+fn follow_fails(answers: Vec<String>) -> Failure {
+    let (base, server) = serve("127.0.0.1", answers);
+    let url = base.join("v2/r/blobs/x").unwrap();
+    let err = http(5000)
+        .follow("GET", &url, None, None, &base, soon())
+        .err()
+        .expect("a failure");
+    server.join().unwrap();
+    err
+}
+
+#[test]
+fn redirect_problems_are_typed() {
+    let f = follow_fails(vec![answer("302 Found", "")]);
+    assert!(!f.retry);
+    assert!(matches!(
+        f.err,
+        BackendError::Redirect {
+            problem: RedirectProblem::NoLocation { status: 302 },
+            ..
+        }
+    ));
+    let f = follow_fails(vec![
+        answer(
+            "307 Temporary Redirect",
+            "Location: /loop?sig=s\r\n"
+        );
+        6
+    ]);
+    let msg = f.err.to_string();
+    assert!(matches!(
+        f.err,
+        BackendError::Redirect {
+            problem: RedirectProblem::TooMany {
+                limit: MAX_REDIRECTS
+            },
+            ..
+        }
+    ));
+    assert!(msg.contains("/loop") && !msg.contains("sig"), "{msg}");
+    let f = follow_fails(vec![answer("302 Found", "Location: ftp://h/b?sig=s\r\n")]);
+    match f.err {
+        BackendError::Redirect {
+            problem: RedirectProblem::BadLocation(loc),
+            ..
+        } => assert_eq!(loc, "ftp://h/b"),
+        e => panic!("{e}"),
+    }
+}
+
+#[test]
+fn credentials_stay_on_the_origin_and_the_range_follows() {
+    let (storage, s) = serve("127.0.0.2", vec![answer("206 Partial Content", "")]);
+    let loc = format!("Location: {}blob?sig=s\r\n", storage);
+    let (base, r) = serve("127.0.0.1", vec![answer("302 Found", &loc)]);
+    let url = base.join("v2/r/blobs/x").unwrap();
+    let reply = http(5000)
+        .follow("GET", &url, Some((5, 9)), Some("Bearer t"), &base, soon())
+        .expect("followed");
+    assert_eq!(reply.resp.status(), 206);
+    assert!(!reply.on_origin);
+    let (at_registry, at_storage) = (r.join().unwrap(), s.join().unwrap());
+    let has = |h: &str, what: &str| h.to_ascii_lowercase().contains(what);
+    assert!(has(&at_registry[0], "authorization: bearer t"));
+    assert!(has(&at_registry[0], "range: bytes=5-9"));
+    assert!(!has(&at_storage[0], "authorization"), "{}", at_storage[0]);
+    assert!(has(&at_storage[0], "range: bytes=5-9"));
+}
+
+#[test]
+fn statuses_become_typed_errors() {
+    let reply_for = |status: &str, headers: &str| {
+        let (base, server) = serve("127.0.0.1", vec![answer(status, headers)]);
+        let url = base.join("v2/r/blobs/x?sig=s").unwrap();
+        let reply = http(5000)
+            .follow("GET", &url, None, None, &base, soon())
+            .unwrap();
+        server.join().unwrap();
+        reply
+    };
+    let f = status_failure(reply_for("503 Busy", "Retry-After: 2\r\n"), None);
+    assert!(f.retry);
+    assert_eq!(f.after, Some(Duration::from_secs(2)));
+    match &f.err {
+        BackendError::Status { status: 503, url } => assert!(!url.contains("sig"), "{url}"),
+        e => panic!("{e}"),
+    }
+    let f = status_failure(reply_for("403 Forbidden", ""), None);
+    assert!(!f.retry);
+    assert!(matches!(
+        f.err,
+        BackendError::AccessDenied { status: 403, .. }
+    ));
+    let f = status_failure(reply_for("404 Not Found", ""), None);
+    assert!(matches!(f.err, BackendError::NotFound));
+    let f = status_failure(reply_for("416 Range Not Satisfiable", ""), Some((10, 19)));
+    assert!(matches!(
+        f.err,
+        BackendError::ShortRead {
+            expected: 10,
+            got: 0
+        }
+    ));
+    let f = status_failure(reply_for("418 Teapot", ""), None);
+    assert!(!f.retry);
+    assert!(matches!(f.err, BackendError::Status { status: 418, .. }));
+}
+
+#[test]
+fn transport_errors_keep_their_source_and_are_retried() {
+    // A port nothing listens on any more.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/v2/r?sig=s")).unwrap();
+    let f = http(5000).call("GET", &url, &[], soon()).err().unwrap();
+    assert!(f.retry);
+    let msg = f.err.to_string();
+    assert!(msg.contains(&format!("127.0.0.1:{port}/v2/r")), "{msg}");
+    assert!(!msg.contains("sig"), "{msg}");
+    let source = std::error::Error::source(&f.err).expect("a source");
+    assert!(source.downcast_ref::<ureq::Transport>().is_some());
+    assert!(matches!(f.err, BackendError::Transport { .. }));
+}
+
+#[test]
+fn a_refused_server_certificate_is_not_retried() {
+    let url = Url::parse("https://127.0.0.1:1/v2/").unwrap();
+    let transport = |inner: io::Error| ureq::Error::from(inner).into_transport().unwrap();
+    let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+    let f = transport_failure(
+        &url,
+        transport(io::Error::new(io::ErrorKind::InvalidData, refused)),
+    );
+    assert!(!f.retry);
+    let msg = f.err.to_string();
+    assert!(msg.contains("UnknownIssuer"), "{msg}");
+    // Other I/O failures are retried.
+    let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+    assert!(transport_failure(&url, transport(reset)).retry);
+}
+
+#[test]
+fn a_server_that_never_answers_is_a_timeout() {
+    // Connections complete in the kernel's backlog; nothing answers.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = Url::parse(&format!("http://{}/v2/", l.local_addr().unwrap())).unwrap();
+    // The request's deadline (as `with_retries` sets it) bounds the wait.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let f = http(300).call("GET", &url, &[], deadline).err().unwrap();
+    assert!(f.retry);
+    assert!(matches!(f.err, BackendError::Timeout(_)), "{}", f.err);
+    // No time left: not even sent.
+    let f = http(300)
+        .call("GET", &url, &[], Instant::now())
+        .err()
+        .unwrap();
+    assert!(!f.retry);
+    assert!(matches!(f.err, BackendError::Timeout(_)), "{}", f.err);
+}
+
+#[test]
+fn only_transient_failures_are_retried() {
+    let h = http(1000);
+    let mut n = 0;
+    let r: Result<(), _> = h.with_retries("t", |_| {
+        n += 1;
+        Err(Failure::transient(BackendError::Timeout("t".into())))
+    });
+    assert!(matches!(r, Err(BackendError::Timeout(_))));
+    assert_eq!(n, 3, "the first attempt and two retries");
+    let mut n = 0;
+    let r: Result<(), _> = h.with_retries("t", |_| {
+        n += 1;
+        Err(Failure::fatal(BackendError::NotFound))
+    });
+    assert!(matches!(r, Err(BackendError::NotFound)));
+    assert_eq!(n, 1);
+    let mut n = 0;
+    let r = h.with_retries("t", |_| {
+        n += 1;
+        if n < 3 {
+            Err(Failure::transient(BackendError::Timeout("t".into())))
+        } else {
+            Ok(n)
+        }
+    });
+    assert_eq!(r.unwrap(), 3);
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let b = Duration::from_millis(100);
+    assert!(backoff(b, 0) <= Duration::from_millis(125));
+    assert!(backoff(b, 3) >= Duration::from_millis(600));
+    assert!(backoff(b, 30) <= Duration::from_millis(6250));
+}
+
+#[test]
+fn urls_in_errors_lose_query_and_user_info() {
+    let u = Url::parse("https://u:p@cdn.example:8443/b/blob?sig=SECRET#f").unwrap();
+    assert_eq!(redact(&u), "https://cdn.example:8443/b/blob");
+    let a = Url::parse("http://reg:80/v2/").unwrap();
+    assert!(same_origin(&a, &Url::parse("http://reg/x").unwrap()));
+    assert!(!same_origin(&a, &Url::parse("https://reg/x").unwrap()));
+    assert!(!same_origin(&a, &Url::parse("http://reg:81/x").unwrap()));
+    assert!(!same_origin(&a, &Url::parse("http://other/x").unwrap()));
+}

@@ -6,8 +6,8 @@
 # peer-uid tests, the openssl command for the HTTPS registry tests (a CA and a
 # server certificate made per test), and systemd's systemd-socket-activate
 # and systemd-analyze for the lifecycle tests (package systemd; installing it
-# starts nothing in a container).
-# erofs-utils (mkfs.erofs) for the mount tests, which build an EROFS image.
+# starts nothing in a container), and erofs-utils (mkfs.erofs) for the mount
+# tests, which build an EROFS image.
 # FUSE itself needs no package: `blobmgr mount` runs as root and mounts
 # through /dev/fuse with mount(2) (fusermount3, package fuse3, is only for
 # mounting as another user).
@@ -34,3 +34,4 @@ fi
 # A distro package may start its own registry service; the tests start their own.
 command -v docker-registry >/dev/null
 command -v systemd-socket-activate >/dev/null
+command -v mkfs.erofs >/dev/null

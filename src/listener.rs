@@ -166,6 +166,18 @@ impl Listener {
     pub fn keep_file(&mut self) {
         self.ident = None;
     }
+
+    /// An adopted socket that `path` names (an upgrade's successor takes the
+    /// file over with the socket): removed on drop if `path` still names
+    /// the same file. Nothing changes if `path` is not a socket file.
+    pub fn own_file(&mut self, path: &Path) {
+        if let Ok(meta) = fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                self.path = path.to_owned();
+                self.ident = Some((meta.dev(), meta.ino()));
+            }
+        }
+    }
 }
 
 impl Drop for Listener {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 pub enum Source {
     /// The `--backend`, asked for the cache key itself.
     Backend,
+    /// The `--backend`, asked for this id (its cache key differs).
+    BackendAs(Arc<str>),
     /// The reference backend, asked for this reference (canonical text).
     Reference(Arc<str>),
 }
@@ -113,6 +115,12 @@ impl Sources {
         if !looks_like_reference(text) {
             let id = protocol::validate_blob_id(text.as_bytes()).map_err(ResolveError::BadId)?;
             let key = self.default.canonical_id(id).ok_or(ResolveError::NotAnId)?;
+            if !self.default.verifies() && key.starts_with("sha256:") {
+                // A plain id of a backend that does not check digests must
+                // not share the cache entry of the digest it spells: a
+                // reference's bytes are verified, a local file's are not.
+                return Ok((format!("local-{key}"), Source::BackendAs(key.into())));
+            }
             return Ok((key, Source::Backend));
         }
         let r = Reference::parse(text).map_err(ResolveError::BadReference)?;
@@ -130,7 +138,41 @@ impl Sources {
     pub fn backend<'a>(&'a self, source: &'a Source, key: &'a str) -> (&'a dyn Backend, &'a str) {
         match (source, &self.references) {
             (Source::Reference(r), Some(b)) => (b.as_ref(), r),
+            (Source::BackendAs(id), _) => (self.default.as_ref(), id),
             _ => (self.default.as_ref(), key),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalFs;
+
+    fn field(id: &str) -> [u8; protocol::BLOB_ID_FIELD] {
+        let mut f = [0u8; protocol::BLOB_ID_FIELD];
+        f[..id.len()].copy_from_slice(id.as_bytes());
+        f
+    }
+
+    #[test]
+    fn an_unverified_plain_id_never_shares_a_digest_key() {
+        let refs: Arc<dyn Backend> = Arc::new(LocalFs::new("/nonexistent"));
+        let s = Sources::new(
+            Arc::new(LocalFs::new("/nonexistent")),
+            Some(refs),
+            AllowList::new(),
+        );
+        let hex = "ab".repeat(32);
+        let (plain, src) = s.resolve(&field(&format!("sha256:{hex}"))).unwrap();
+        assert_eq!(plain, format!("local-sha256:{hex}"));
+        assert_eq!(s.backend(&src, &plain).1, format!("sha256:{hex}"));
+        let (by_ref, _) = s
+            .resolve(&field(&format!("127.0.0.1:5000/a/b@sha256:{hex}")))
+            .unwrap();
+        assert_eq!(by_ref, format!("sha256:{hex}"));
+        assert_ne!(plain, by_ref);
+        let (other, src) = s.resolve(&field("layer.tar")).unwrap();
+        assert_eq!((other.as_str(), src), ("layer.tar", Source::Backend));
     }
 }

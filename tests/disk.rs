@@ -41,8 +41,9 @@ fn a_small_disk_keeps_its_watermark_and_serves_what_fits() {
             });
             assert!(
                 settled,
-                "free {} below the watermark {min_free} after small{i}",
-                free_bytes(fs.path())
+                "free {} below the watermark {min_free} after small{i}\n{}",
+                free_bytes(fs.path()),
+                d.log_text()
             );
             if i % 3 == 2 {
                 // Interleaved: a blob that can never fit fails, nothing else.

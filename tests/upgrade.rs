@@ -261,6 +261,25 @@ fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
     );
     let new = handed_over(&d.sock, old);
     last.0.store(new as u64, Ordering::Relaxed);
+    // The work dir lock went with the socket: a second daemon is refused,
+    // naming the new pid.
+    let mut other = Daemon::prepare(&[]);
+    other.workdir = d.workdir.clone();
+    let out = Command::new(bin())
+        .args(["serve", "--min-free", "0", "--sock"])
+        .arg(&other.sock)
+        .arg("--workdir")
+        .arg(&other.workdir)
+        .arg("--backend")
+        .arg(&other.backend)
+        .output()
+        .expect("run a second serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second daemon on the work dir must be refused"
+    );
+    assert!(err.contains(&format!("in use by pid {new}")), "{err}");
     let said: Vec<String> = (0..2).map(|_| next()).collect();
     assert!(
         said[0].contains("RELOADING=1"),

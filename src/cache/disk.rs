@@ -19,6 +19,10 @@ pub enum MinFree {
 /// Default for `--min-free`.
 pub const DEFAULT_MIN_FREE: MinFree = MinFree::Percent(10.0);
 
+/// Room kept besides the blob data a fill writes: its map file, directory
+/// entries, the file system's own bookkeeping.
+const SLACK: u64 = 1 << 20;
+
 /// How long a `statvfs` figure is used before asking again.
 const REFRESH: Duration = Duration::from_millis(100);
 
@@ -31,8 +35,13 @@ pub struct DiskWatch {
     /// Free bytes and the file system's size at the last check.
     free: u64,
     total: u64,
-    /// Bytes planned (fills) minus bytes released (evictions) since then.
-    planned: i128,
+    /// Bytes evicted since then (their deletion may not show yet).
+    released: u64,
+    /// Bytes of fills finished since then (the figure may predate them).
+    written: u64,
+    /// Bytes of fills planned and not finished (a sparse file's blocks are
+    /// allocated only as they are written, so no figure shows them yet).
+    inflight: u64,
 }
 
 impl DiskWatch {
@@ -43,7 +52,9 @@ impl DiskWatch {
             checked: None,
             free: 0,
             total: 0,
-            planned: 0,
+            released: 0,
+            written: 0,
+            inflight: 0,
         }
     }
 
@@ -59,7 +70,8 @@ impl DiskWatch {
                 let frag = st.fragment_size();
                 self.free = st.blocks_available() * frag;
                 self.total = st.blocks() * frag;
-                self.planned = 0;
+                self.released = 0;
+                self.written = 0;
                 self.checked = Some(now);
             }
             Err(e) => {
@@ -85,19 +97,31 @@ impl DiskWatch {
     /// (0: it fits now).
     pub fn shortfall(&mut self, need: u64, now: Instant) -> u64 {
         self.refresh(now);
-        let after = self.free as i128 - self.planned - need as i128;
+        let after = self.free as i128 + self.released as i128
+            - self.inflight as i128
+            - self.written as i128
+            - need as i128
+            - SLACK as i128;
         let min = self.min_free() as i128;
         (min - after).max(0) as u64
     }
 
     /// `need` bytes are about to be written.
     pub fn plan(&mut self, need: u64) {
-        self.planned += need as i128;
+        self.inflight += need;
+    }
+
+    /// A planned fill of `bytes` finished (written, or failed): counted
+    /// until the next figure, which shows what it wrote.
+    pub fn fill_done(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.inflight);
+        self.inflight -= bytes;
+        self.written += bytes;
     }
 
     /// `bytes` are being released (an eviction).
     pub fn release(&mut self, bytes: u64) {
-        self.planned -= bytes as i128;
+        self.released += bytes;
     }
 
     /// Forgets the last figure (after ENOSPC: the file system is fuller
@@ -117,13 +141,19 @@ mod tests {
         let mut w = DiskWatch::new(dir.path().to_owned(), MinFree::Bytes(0));
         let now = Instant::now();
         assert_eq!(w.shortfall(0, now), 0);
-        let free = w.free;
+        let free = w.free - SLACK;
         assert_eq!(w.shortfall(free, now), 0);
         assert_eq!(w.shortfall(free + 10, now), 10);
         w.plan(free);
         assert_eq!(w.shortfall(1, now), 1);
         w.release(5);
         assert_eq!(w.shortfall(5, now), 0);
+        // A finished fill leaves the in-flight count; a later figure keeps
+        // counting fills still in flight.
+        w.fill_done(free - 100);
+        w.invalidate();
+        assert!(w.shortfall(0, now) == 0);
+        assert_eq!(w.inflight, 100);
         let mut pct = DiskWatch::new(dir.path().to_owned(), MinFree::Percent(100.0));
         assert!(
             pct.shortfall(0, now) > 0,

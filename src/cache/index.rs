@@ -109,7 +109,7 @@ impl Index {
         let mut cold = HashMap::new();
         let mut used = 0;
         let mut clock = 0;
-        if cfg.limit.is_some() {
+        if cfg.limit.is_some() || cfg.min_free.is_some() {
             let mut found = scan_data_dir(&cfg.data_dir());
             // Oldest first: their logical time is their rank.
             found.sort_by_key(|(_, _, mtime)| *mtime);
@@ -268,6 +268,10 @@ impl Index {
             disk.invalidate();
             short = disk.shortfall(need, now);
         }
+        if short > self.evictable_bytes() {
+            // Evicting everything would not be enough: evict nothing.
+            return false;
+        }
         while short > 0 {
             if self.evict_one(cause).is_none() {
                 return false;
@@ -281,6 +285,17 @@ impl Index {
             disk.plan(need);
         }
         true
+    }
+
+    /// Bytes of the blobs no one holds (what eviction could free).
+    fn evictable_bytes(&self) -> u64 {
+        let open: u64 = self
+            .blobs
+            .iter()
+            .filter(|(_, b)| b.refs == 0 && b.inflight.is_empty())
+            .map(|(_, b)| b.bytes)
+            .sum();
+        open + self.cold.values().map(|c| c.bytes).sum::<u64>()
     }
 
     /// A fill hit ENOSPC: the file system is fuller than the last figure
@@ -394,9 +409,14 @@ impl Index {
     /// ready bits, so a late success is credited and nothing is counted
     /// twice; then the limit is enforced.
     pub fn fill_finished(&mut self, key: BlobKey, blob: &Arc<Blob>, g0: u64, job: JobId, ok: bool) {
+        let granule = self.cfg.granule;
+        let mut finished_bytes = 0;
         if let Some(ob) = self.holding(key, blob) {
             if ob.inflight.get(&g0).is_some_and(|&(_, j)| j == job) {
-                ob.inflight.remove(&g0);
+                if let Some((n, _)) = ob.inflight.remove(&g0) {
+                    let end = ((g0 + n) * granule).min(ob.blob.size());
+                    finished_bytes = end.saturating_sub(g0 * granule);
+                }
             }
             if ok {
                 ob.hung = None;
@@ -404,6 +424,9 @@ impl Index {
             let bytes = ob.blob.ready_bytes();
             let before = std::mem::replace(&mut ob.bytes, bytes);
             self.used = (self.used + bytes).saturating_sub(before);
+        }
+        if let Some(disk) = self.disk.as_mut() {
+            disk.fill_done(finished_bytes);
         }
         self.enforce_limit();
     }
@@ -594,6 +617,24 @@ mod tests {
             index.plan(key, 5 * 4096, 10, || later),
             Plan::Wait { ref runs, .. } if runs.len() == 1
         ));
+    }
+
+    #[test]
+    fn a_fill_that_cannot_fit_evicts_nothing() {
+        let (_d, cfg, be, _) = setup(8 * 4096, 4096);
+        let mut cfg = (*cfg).clone();
+        // Nothing can fit under a 100 % watermark.
+        cfg.min_free = Some(crate::cache::MinFree::Percent(100.0));
+        let cfg = Arc::new(cfg);
+        let mut index = Index::new(cfg.clone());
+        let other = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let p = index.plan(other, 0, 4096, Instant::now);
+        assert_eq!(p, Plan::NoSpace);
+        assert!(
+            index.take_evictions().is_empty(),
+            "a hopeless fill evicts nothing"
+        );
+        assert_eq!(index.evictions().min_free, 0);
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         }
         None => flags,
     };
-    let listener = manager.listener()?;
+    let mut listener = manager.listener()?;
     if let (Some(l), None) = (&listener, &opts.sock) {
         // The passed socket is the daemon's socket, `<sock>.metrics` included
         // (a --sock given names it: a socket handed over by an upgrade was
@@ -60,12 +60,20 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         opts.sock = Some(l.path().to_path_buf());
     }
     let mut cfg = server_config(&opts)?;
-    // Held until the process exits, taken before the work dir is used.
-    let lock = manager.lock_workdir(&cfg.cache.workdir)?;
-    // Started by an upgrade: wait until the old daemon let go of the work dir.
-    upgrade::take_over()?;
+    // Everything that may fail without touching the work dir comes first: a
+    // successor says READY only after it, so a bad setting stops the upgrade
+    // while the old daemon still serves.
     let backend = backend(&opts, cfg.backend_timeout)?;
     cfg.references = Some(references(&opts, cfg.backend_timeout)?);
+    // Started by an upgrade: wait until the old daemon let go of the work
+    // dir; the socket file is then ours to remove at a stop, as it was its.
+    if upgrade::take_over()? {
+        if let Some(l) = listener.as_mut() {
+            l.own_file(&cfg.sock);
+        }
+    }
+    // Held until the process exits, taken before the work dir is used.
+    let lock = manager.lock_workdir(&cfg.cache.workdir)?;
     let daemon = Daemon { lock, successor };
     run_server(cfg, backend, listener, &mut manager, daemon)
 }
@@ -312,13 +320,30 @@ fn run_server(
         }
     };
     drop(server);
-    drop(daemon);
-    if let Some(h) = handover {
-        log::info!("upgrade: handed over; exiting");
-        h.release();
+    let stop_too = handover.is_some() && stop_requested(&sfd);
+    match handover {
+        Some(h) => {
+            // Closed, not unlocked: the lock belongs to the open file the
+            // successor shares, and stays its.
+            drop(daemon.lock.into_fd());
+            log::info!("upgrade: handed over; exiting");
+            h.release(stop_too);
+        }
+        None => drop(daemon),
     }
     log::info!("stopped");
     Ok(result?)
+}
+
+/// Whether SIGTERM or SIGINT arrived (during an upgrade's drain): the
+/// operator asked for a stop, which then goes to the successor.
+fn stop_requested(sfd: &SignalFd) -> bool {
+    let mut stop = false;
+    while let Ok(Some(sig)) = sfd.read_signal() {
+        let signo = sig.ssi_signo as i32;
+        stop |= signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32;
+    }
+    stop
 }
 
 /// Lifts the soft fd limit to the hard one: each client costs an fd.

@@ -71,8 +71,13 @@ pub struct Handover {
 
 impl Handover {
     /// The old daemon is done with the work dir: the successor may go on.
-    pub fn release(self) {
+    /// With `stop`, a stop was asked for meanwhile: it is passed on.
+    pub fn release(self, stop: bool) {
         drop(self.release);
+        if stop {
+            log::info!("upgrade: a stop was asked for during the handover; passing it on");
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        }
         // Not waited for: it is the new daemon and outlives this process.
         drop(self.child);
     }
@@ -180,10 +185,11 @@ fn wait_ready(r: OwnedFd) -> Result<(), String> {
 }
 
 /// In a successor: says `READY` and waits until the old daemon released the
-/// work dir. Does nothing in a daemon not started by an upgrade.
-pub fn take_over() -> Result<(), Fail> {
+/// work dir; true then. Does nothing (false) in a daemon not started by an
+/// upgrade.
+pub fn take_over() -> Result<bool, Fail> {
     let Some(v) = std::env::var_os(PIPES_ENV) else {
-        return Ok(());
+        return Ok(false);
     };
     std::env::remove_var(PIPES_ENV);
     let v = v.to_string_lossy().into_owned();
@@ -204,7 +210,7 @@ pub fn take_over() -> Result<(), Fail> {
     let mut rest = Vec::new();
     let _ = std::fs::File::from(release).read_to_end(&mut rest);
     log::info!("upgrade: the old daemon is gone; taking over");
-    Ok(())
+    Ok(true)
 }
 
 /// `listen()` again on an adopted socket, so `SO_PEERCRED` names this

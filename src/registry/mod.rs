@@ -199,6 +199,12 @@ impl Registry {
         self.base.as_str().trim_end_matches('/').to_owned()
     }
 
+    /// Forgets that `digest` was received whole (its bytes did not verify
+    /// and were thrown away): the next request fetches again.
+    pub fn forget_whole(&self, digest: &str) {
+        self.modes.failed(digest);
+    }
+
     /// Calls made and bytes received so far.
     pub fn stats(&self) -> EndpointStats {
         self.counters.snapshot(self.origin())
@@ -437,7 +443,11 @@ impl Backend for Registry {
 
     fn verify(&self, id: &str, data: &File, size: u64) -> Result<(), BackendError> {
         let digest = Self::digest_of(id)?;
-        digest::check_file(id, &digest, data, size)
+        let r = digest::check_file(id, &digest, data, size);
+        if r.is_err() {
+            self.forget_whole(&digest);
+        }
+        r
     }
 
     fn verifies(&self) -> bool {

@@ -25,8 +25,14 @@ enum Mode {
     Probing,
     Ranged,
     WholeRunning,
-    WholeDone(FileId, u64),
+    /// The whole blob is in file `FileId` (`u64` bytes) since `Instant`.
+    WholeDone(FileId, u64, Instant),
 }
+
+/// How long a whole download answers for its file: long enough for the
+/// requests that waited on it, short enough that a file reusing the inode
+/// (the blob evicted and opened again) probes anew.
+const WHOLE_FRESH: Duration = Duration::from_secs(30);
 
 /// What a request should do.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,7 +70,9 @@ impl RangeModes {
         loop {
             match map.get(digest) {
                 Some(Mode::Ranged) => return Turn::Ranged,
-                Some(Mode::WholeDone(f, size)) if *f == file => return Turn::Whole(*size),
+                Some(Mode::WholeDone(f, size, at)) if *f == file && at.elapsed() < WHOLE_FRESH => {
+                    return Turn::Whole(*size)
+                }
                 Some(Mode::Probing | Mode::WholeRunning) => {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -115,10 +123,11 @@ impl RangeModes {
 
     /// The probe wrote the whole blob (`size` bytes) into `file`.
     pub fn whole_done(&self, digest: &str, file: FileId, size: u64) {
-        self.set(digest, Some(Mode::WholeDone(file, size)));
+        self.set(digest, Some(Mode::WholeDone(file, size, Instant::now())));
     }
 
-    /// The probe failed: the next request probes again.
+    /// The probe failed, or what it wrote did not verify: the next request
+    /// probes again.
     pub fn failed(&self, digest: &str) {
         self.set(digest, None);
     }

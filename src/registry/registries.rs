@@ -330,7 +330,14 @@ impl Backend for Registries {
 
     fn verify(&self, id: &str, data: &File, size: u64) -> Result<(), BackendError> {
         let r = Self::parse(id)?;
-        digest::check_file(id, &format!("sha256:{}", r.digest().hex()), data, size)
+        let digest = format!("sha256:{}", r.digest().hex());
+        let result = digest::check_file(id, &digest, data, size);
+        if result.is_err() {
+            for c in lock(&self.clients).values() {
+                c.forget_whole(&digest);
+            }
+        }
+        result
     }
 
     fn verifies(&self) -> bool {

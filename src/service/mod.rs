@@ -342,7 +342,13 @@ impl Service {
                 self.metrics.fetch_time(true).observe_instant();
                 Reply::fetch(token, count, FetchResult::Ok)
             }
-            Plan::OutOfRange | Plan::Unavailable | Plan::NoSpace => {
+            Plan::NoSpace => {
+                // Blobs may have been evicted while trying: delete them now.
+                self.start_evictions();
+                self.metrics.request(op, Outcome::Failed);
+                Reply::fetch(token, 0, FetchResult::Failed)
+            }
+            Plan::OutOfRange | Plan::Unavailable => {
                 self.metrics.request(op, Outcome::Failed);
                 Reply::fetch(token, 0, FetchResult::Failed)
             }
@@ -361,6 +367,8 @@ impl Service {
                     reply: need,
                     started: Instant::now(),
                 };
+                // Blobs evicted to make room go first, before the fills.
+                self.start_evictions();
                 return self.wait_for_fills(key, source, fetch, waiting_on, runs);
             }
         };
@@ -501,10 +509,14 @@ impl Service {
             Some(JobOutput::Filled(Err(e))) => {
                 log::warn!("fill job {id} of blob {}: {e}", blob.id());
                 if e.is_no_space() && !retried && !late {
-                    self.index.fill_finished(key, &blob, g0, id, false);
+                    // Evict while this fill still pins its blob, queue the
+                    // deletes, then the retry behind them.
                     let need = n * blob.granule_size();
-                    if self.index.no_space(need) {
+                    let room = self.index.no_space(need);
+                    self.index.fill_finished(key, &blob, g0, id, false);
+                    if room {
                         log::info!("blob {}: evicted to make room; filling again", blob.id());
+                        self.start_evictions();
                         let retry = JobKind::Fill {
                             key,
                             blob,
@@ -518,7 +530,7 @@ impl Service {
                         for fid in waiters {
                             self.jobs.wait(job, fid);
                         }
-                        return self.start_evictions();
+                        return;
                     }
                     log::warn!("blob {}: out of space with nothing to evict", blob.id());
                 }

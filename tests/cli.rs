@@ -6,11 +6,12 @@
 //!
 //! Its helpers are its own (not tests/common), so that this file stands alone.
 
+mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_blobmgr")
@@ -47,13 +48,12 @@ fn one_line_failure(o: &Output) -> String {
     err
 }
 
-/// Waits for `cond` until `what`'s deadline (polling, not sleeping blind).
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Waits for `cond` until `what`'s deadline (the shared harness's wait).
+fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        common::wait_until(timeout, cond),
+        "timed out waiting for {what}"
+    );
 }
 
 /// A `blobmgr serve` run in a directory (the usual one: `be/` backend,

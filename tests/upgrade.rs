@@ -30,6 +30,11 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// The tests here copy the binary and then run the copy: another test's
+/// fork in between could hold the copy open for writing (ETXTBSY), so they
+/// run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Installs `src` at `dst` by rename, as a package manager does.
 fn install(src: &Path, dst: &Path) {
     let tmp = dst.with_extension("new");
@@ -58,6 +63,7 @@ fn handed_over(sock: &Path, old: i32) -> i32 {
 
 #[test]
 fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut d = Daemon::prepare(&[]);
     let dir = d.dir.as_ref().unwrap().path().to_path_buf();
     let exe = dir.join("blobmgr");
@@ -231,6 +237,7 @@ impl Drop for Successor {
 /// READY=1 with its own MAINPID, so the manager follows the new process.
 #[test]
 fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     use std::os::unix::net::UnixDatagram;
     let mut d = Daemon::prepare(&[]);
     let dir = d.dir.as_ref().unwrap().path().to_path_buf();

@@ -23,6 +23,7 @@ use blobmgr::registry::{Registries, RegistriesConfig, Registry, RegistryOptions}
 use blobmgr::source::SharedBackend;
 use blobmgr::workdir::WorkdirLock;
 use blobmgr::{Server, ServerConfig};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::os::fd::AsFd;
@@ -290,30 +291,54 @@ fn run_server(
     // The socket listens: a client connecting from now on is served.
     manager.ready(&status, &sock);
     let mut handover = None;
+    // The reactor's stop fd: an epoll set of the signalfd and, while an
+    // upgrade is pending, the successor's ready pipe and its deadline, so
+    // the daemon serves while the new binary starts.
+    let wake = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    wake.add(&sfd, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+    let mut pending: Option<upgrade::Pending> = None;
     let result = loop {
-        if let Err(e) = server.run(Some(sfd.as_fd())) {
+        if let Err(e) = server.run(Some(wake.0.as_fd())) {
             manager.stopping();
             break Err(e);
         }
-        let signo = match sfd.read_signal() {
-            Ok(Some(sig)) => sig.ssi_signo as i32,
-            _ => continue,
-        };
-        if signo != Signal::SIGUSR2 as i32 {
+        let (stop, upgrade_asked) = read_signals(&sfd);
+        if let Some(signo) = stop {
             log::info!("signal {signo} received; answering what was read, then stopping");
+            if let Some(p) = pending.take() {
+                p.abort();
+            }
             manager.stopping();
             break server.drain(STOP_DRAIN, false);
         }
-        log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
-        let notify = manager.notify_socket();
-        let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
-        match upgrade::start(&daemon.successor, socket, lock, notify) {
-            Ok(h) => {
+        if upgrade_asked && pending.is_none() {
+            log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
+            let notify = manager.notify_socket();
+            let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
+            match upgrade::start(&daemon.successor, socket, lock, notify) {
+                Ok(p) => {
+                    wake.add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
+                    wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2))?;
+                    pending = Some(p);
+                }
+                Err(Fail(why)) => {
+                    log::error!("{why}");
+                    server.metrics().work.upgrades_failed.bump();
+                }
+            }
+        }
+        let Some(p) = pending.take() else {
+            continue;
+        };
+        // The pipe and the timer leave the epoll set as they close.
+        match p.check() {
+            upgrade::Check::Waiting(p) => pending = Some(p),
+            upgrade::Check::Ready(h) => {
                 handover = Some(h);
                 manager.reloading();
                 break server.drain(upgrade::DRAIN_WAIT, true);
             }
-            Err(Fail(why)) => {
+            upgrade::Check::Failed(why) => {
                 log::error!("{why}");
                 server.metrics().work.upgrades_failed.bump();
             }
@@ -333,6 +358,21 @@ fn run_server(
     }
     log::info!("stopped");
     Ok(result?)
+}
+
+/// Takes every pending signal: the stop signal if one came, and whether an
+/// upgrade was asked for.
+fn read_signals(sfd: &SignalFd) -> (Option<i32>, bool) {
+    let (mut stop, mut upgrade) = (None, false);
+    while let Ok(Some(sig)) = sfd.read_signal() {
+        let signo = sig.ssi_signo as i32;
+        if signo == Signal::SIGUSR2 as i32 {
+            upgrade = true;
+        } else {
+            stop = Some(signo);
+        }
+    }
+    (stop, upgrade)
 }
 
 /// Whether SIGTERM or SIGINT arrived (during an upgrade's drain): the

@@ -23,6 +23,8 @@ use blobmgr::client::Client;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -93,14 +95,14 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
-/// Starts the successor with the socket and the lock, and waits for its
-/// `READY`. `Err`: it failed; the caller keeps serving.
+/// Starts the successor with the socket and the lock; its `READY` comes
+/// later (see [`Pending`]). `Err`: it could not be started.
 pub fn start(
     s: &Successor,
     socket: BorrowedFd<'_>,
     lock: BorrowedFd<'_>,
     notify_socket: Option<OsString>,
-) -> Result<Handover, Fail> {
+) -> Result<Pending, Fail> {
     let fds = [high_dup(socket)?, high_dup(lock)?];
     let (ready_r, ready_w_low) = pipe()?;
     let (release_r_low, release_w) = pipe()?;
@@ -141,46 +143,93 @@ pub fn start(
         });
     }
     log::info!("upgrade: starting {}", s.exe.display());
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| Fail(format!("upgrade: start {}: {e}", s.exe.display())))?;
     drop((fds, ready_w, release_r));
-    match wait_ready(ready_r) {
-        Ok(()) => Ok(Handover {
-            child,
-            release: release_w,
-        }),
-        Err(why) => {
-            let _ = child.kill();
-            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            Err(Fail(format!(
-                "upgrade: the new binary {} did not take over ({why}; {status}); still serving",
-                s.exe.display()
-            )))
-        }
-    }
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+    )?;
+    let expiry = Expiration::OneShot(TimeSpec::from_duration(READY_WAIT));
+    timer.set(expiry, TimerSetTimeFlags::empty())?;
+    Ok(Pending {
+        child,
+        ready: ready_r,
+        release: release_w,
+        timer,
+        exe: s.exe.clone(),
+    })
 }
 
-/// Reads `READY` from the successor within [`READY_WAIT`].
-fn wait_ready(r: OwnedFd) -> Result<(), String> {
-    let mut fds = [nix::poll::PollFd::new(
-        r.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    let ms = READY_WAIT.as_millis() as u16;
-    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
-        Ok(0) => return Err(format!("no READY within {READY_WAIT:?}")),
-        Ok(_) => {}
-        Err(e) => return Err(format!("poll: {e}")),
+/// A successor started and not yet ready. The daemon keeps serving; it
+/// watches [`Pending::ready_fd`] and [`Pending::timer_fd`] and asks
+/// [`Pending::check`] when either is readable.
+pub struct Pending {
+    child: Child,
+    ready: OwnedFd,
+    release: OwnedFd,
+    /// Fires [`READY_WAIT`] after the start.
+    timer: TimerFd,
+    exe: PathBuf,
+}
+
+/// Where a pending successor stands.
+pub enum Check {
+    Ready(Handover),
+    Failed(String),
+    Waiting(Pending),
+}
+
+impl Pending {
+    /// Readable when the successor said READY, or exited.
+    pub fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
     }
-    let mut buf = [0u8; 16];
-    let n = std::fs::File::from(r)
-        .read(&mut buf)
-        .map_err(|e| e.to_string())?;
-    if buf[..n].starts_with(b"READY") {
-        Ok(())
-    } else {
-        Err("it exited before saying READY".into())
+
+    /// Readable when the successor has had [`READY_WAIT`].
+    pub fn timer_fd(&self) -> BorrowedFd<'_> {
+        self.timer.as_fd()
+    }
+
+    /// A stop came first: the successor is killed (it has not touched the
+    /// work dir: it waits for the release).
+    pub fn abort(mut self) {
+        log::info!("upgrade: stopping instead; the new binary is not started");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Reads what the successor said, without blocking.
+    pub fn check(mut self) -> Check {
+        let mut fds = [nix::poll::PollFd::new(
+            self.ready.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let readable = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0;
+        let why = if readable {
+            let mut buf = [0u8; 16];
+            match nix::unistd::read(&self.ready, &mut buf) {
+                Ok(n) if buf[..n].starts_with(b"READY") => {
+                    return Check::Ready(Handover {
+                        child: self.child,
+                        release: self.release,
+                    })
+                }
+                Ok(_) => "it exited before saying READY".to_owned(),
+                Err(e) => format!("reading its answer: {e}"),
+            }
+        } else if self.timer.get().ok().flatten().is_none() {
+            format!("no READY within {READY_WAIT:?}")
+        } else {
+            return Check::Waiting(self);
+        };
+        let _ = self.child.kill();
+        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+        Check::Failed(format!(
+            "upgrade: the new binary {} did not take over ({why}; {status}); still serving",
+            self.exe.display()
+        ))
     }
 }
 

@@ -61,14 +61,21 @@ fn handed_over(sock: &Path, old: i32) -> i32 {
     new
 }
 
-#[test]
-fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+/// A daemon (not yet spawned) that runs a copy of the binary installed in
+/// its temp dir, which an upgrade test can replace: (daemon, dir, copy).
+fn daemon_from_copy() -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
     let mut d = Daemon::prepare(&[]);
     let dir = d.dir.as_ref().unwrap().path().to_path_buf();
     let exe = dir.join("blobmgr");
     install(Path::new(bin()), &exe);
     d.exe = Some(exe.clone());
+    (d, dir, exe)
+}
+
+#[test]
+fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
     d.spawn();
     let blobs: Vec<Vec<u8>> = (0..4).map(|i| pattern(6 * MIB, 40 + i)).collect();
     for (i, b) in blobs.iter().enumerate() {
@@ -239,11 +246,7 @@ impl Drop for Successor {
 fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     use std::os::unix::net::UnixDatagram;
-    let mut d = Daemon::prepare(&[]);
-    let dir = d.dir.as_ref().unwrap().path().to_path_buf();
-    let exe = dir.join("blobmgr");
-    install(Path::new(bin()), &exe);
-    d.exe = Some(exe.clone());
+    let (mut d, dir, exe) = daemon_from_copy();
     let notify = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_secs(30)))

@@ -11,6 +11,7 @@
 use crate::backend::BackendError;
 use crate::cache::{self, Blob, BlobKey, CacheConfig, OpenError};
 use crate::source::{Source, Sources};
+use crate::worker::Priority;
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -33,11 +34,24 @@ pub enum JobKind {
         source: Source,
         /// A retry after ENOSPC and an eviction (there is one at most).
         retried: bool,
+        /// Readahead: nobody waited for it when it started, so it runs
+        /// behind demand work until someone does.
+        ahead: bool,
     },
     /// Delete the files of evicted blob `id`.
     Delete { id: String },
     /// Make a completed blob durable; nobody waits on it.
     Checkpoint { blob: Arc<Blob> },
+}
+
+impl JobKind {
+    /// The queue the job waits in for a worker.
+    pub fn priority(&self) -> Priority {
+        match self {
+            JobKind::Fill { ahead: true, .. } | JobKind::Checkpoint { .. } => Priority::Background,
+            _ => Priority::Demand,
+        }
+    }
 }
 
 /// What a job produced.
@@ -110,6 +124,9 @@ pub struct JobTable<W> {
     entries: HashMap<JobId, Entry<W>>,
     /// Started since the last [`JobTable::take_started`], for the pool.
     started: Vec<(JobId, JobKind)>,
+    /// Background jobs someone now waits for, since the last
+    /// [`JobTable::take_promoted`].
+    promoted: Vec<JobId>,
 }
 
 impl<W> Default for JobTable<W> {
@@ -118,6 +135,7 @@ impl<W> Default for JobTable<W> {
             next: 1,
             entries: HashMap::new(),
             started: Vec::new(),
+            promoted: Vec::new(),
         }
     }
 }
@@ -144,15 +162,29 @@ impl<W> JobTable<W> {
         self.started.drain(..)
     }
 
-    /// Adds `waiter` to job `id`; false if there is no such live job.
+    /// Adds `waiter` to job `id`; false if there is no such live job. A
+    /// readahead fill someone waits for is promoted to demand work.
     pub fn wait(&mut self, id: JobId, waiter: W) -> bool {
         match self.entries.get_mut(&id) {
             Some(e) if !e.abandoned => {
                 e.waiters.push(waiter);
+                if let JobKind::Fill {
+                    ahead: a @ true, ..
+                } = &mut e.kind
+                {
+                    *a = false;
+                    self.promoted.push(id);
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// Background jobs promoted since the last call: the pool should move
+    /// them to the demand queue if they have not started.
+    pub fn take_promoted(&mut self) -> std::vec::Drain<'_, JobId> {
+        self.promoted.drain(..)
     }
 
     /// What job `id` is, if it is in the table.

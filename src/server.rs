@@ -376,8 +376,12 @@ impl Server {
     fn submit_jobs(&mut self) {
         let mut any = false;
         for (id, kind) in self.service.take_jobs() {
-            self.pool.submit(id, self.runner.work(kind));
+            self.pool
+                .submit_as(id, kind.priority(), self.runner.work(kind));
             any = true;
+        }
+        for id in self.service.take_promoted() {
+            self.pool.promote(id);
         }
         if any && self.next_expiry.is_none() {
             // The first job of a busy period arms the expiry check.

@@ -33,9 +33,24 @@ struct Shared<T> {
     wake: EventFd,
 }
 
+/// A queued task: its id, the closure, and when it was queued.
+type Queued<T> = (u64, Task<T>, Instant);
+
+/// Which queue a task waits in: a worker takes every [`Priority::Demand`]
+/// task before any [`Priority::Background`] one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Someone waits for it (a client's FetchRange, an open).
+    Demand,
+    /// Nobody waits for it yet (readahead): it must not delay demand work.
+    Background,
+}
+
 struct Queue<T> {
-    /// Queued jobs: id, the job, when it was queued.
-    jobs: VecDeque<(u64, Task<T>, Instant)>,
+    /// Queued demand tasks, oldest first.
+    jobs: VecDeque<Queued<T>>,
+    /// Queued background tasks, oldest first; run when `jobs` is empty.
+    background: VecDeque<Queued<T>>,
     stopping: bool,
     /// Jobs being run: id → (worker index, start time).
     running: HashMap<u64, (usize, Instant)>,
@@ -76,6 +91,7 @@ impl<T: Send + 'static> WorkerPool<T> {
         let shared = Arc::new(Shared {
             state: Mutex::new(Queue {
                 jobs: VecDeque::new(),
+                background: VecDeque::new(),
                 stopping: false,
                 running: HashMap::new(),
                 stuck: HashSet::new(),
@@ -106,12 +122,32 @@ impl<T: Send + 'static> WorkerPool<T> {
         Ok(())
     }
 
-    /// Queues `job`; its completion will carry `id`.
+    /// Queues demand `job`; its completion will carry `id`.
     pub fn submit(&self, id: u64, job: impl FnOnce() -> T + Send + 'static) {
-        lock(&self.shared.state)
-            .jobs
-            .push_back((id, Box::new(job), Instant::now()));
+        self.submit_as(id, Priority::Demand, job);
+    }
+
+    /// Queues `job` at `priority`; its completion will carry `id`.
+    pub fn submit_as(&self, id: u64, priority: Priority, job: impl FnOnce() -> T + Send + 'static) {
+        let task: Queued<T> = (id, Box::new(job), Instant::now());
+        let mut st = lock(&self.shared.state);
+        match priority {
+            Priority::Demand => st.jobs.push_back(task),
+            Priority::Background => st.background.push_back(task),
+        }
+        drop(st);
         self.shared.work.notify_one();
+    }
+
+    /// Moves background task `id`, if it is still queued, to the back of
+    /// the demand queue (someone now waits for it).
+    pub fn promote(&self, id: u64) {
+        let mut st = lock(&self.shared.state);
+        if let Some(i) = st.background.iter().position(|(j, _, _)| *j == id) {
+            if let Some(task) = st.background.remove(i) {
+                st.jobs.push_back(task);
+            }
+        }
     }
 
     /// The fd that becomes readable when completions are waiting.
@@ -138,8 +174,9 @@ impl<T: Send + 'static> WorkerPool<T> {
         let mut dropped = Vec::new();
         let mut next: Option<Instant> = None;
         let replace = {
-            let mut st = lock(&self.shared.state);
-            let replace = Self::mark_stuck(&mut st, limit, now, self.max_stuck, &mut expired);
+            let mut guard = lock(&self.shared.state);
+            let st = &mut *guard;
+            let replace = Self::mark_stuck(st, limit, now, self.max_stuck, &mut expired);
             for &(_, started) in st.running.values() {
                 let deadline = started + limit;
                 if deadline > now {
@@ -150,17 +187,14 @@ impl<T: Send + 'static> WorkerPool<T> {
                 // Fresh threads are about to take the queue: every queued
                 // task gets a full timeout from now instead of being dropped
                 // for the time it spent behind the stuck ones.
-                for (_, _, queued) in st.jobs.iter_mut() {
+                for (_, _, queued) in st.jobs.iter_mut().chain(st.background.iter_mut()) {
                     *queued = now;
                 }
             }
-            while let Some((id, _, queued)) = st.jobs.front() {
-                if *queued + limit > now {
-                    next = Some(next.map_or(*queued + limit, |n| n.min(*queued + limit)));
-                    break;
+            for q in [&mut st.jobs, &mut st.background] {
+                if let Some(at) = drop_expired(q, limit, now, &mut dropped) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
                 }
-                dropped.push(*id);
-                st.jobs.pop_front();
             }
             replace
         };
@@ -211,25 +245,30 @@ impl<T: Send + 'static> WorkerPool<T> {
     pub fn cancel(&self, ids: &[u64]) -> Vec<u64> {
         let mut st = lock(&self.shared.state);
         let mut removed = Vec::new();
-        st.jobs.retain(|(id, _, _)| {
-            let hit = ids.contains(id);
-            if hit {
-                removed.push(*id);
-            }
-            !hit
-        });
+        let st = &mut *st;
+        for q in [&mut st.jobs, &mut st.background] {
+            q.retain(|(id, _, _)| {
+                let hit = ids.contains(id);
+                if hit {
+                    removed.push(*id);
+                }
+                !hit
+            });
+        }
         removed
     }
 
     /// Jobs queued or running.
     pub fn busy(&self) -> bool {
         let st = lock(&self.shared.state);
-        !st.jobs.is_empty() || !st.running.is_empty()
+        !st.jobs.is_empty() || !st.background.is_empty() || !st.running.is_empty()
     }
 
     /// Drops every job no thread has started; their completions never come.
     pub fn cancel_queued(&self) {
-        lock(&self.shared.state).jobs.clear();
+        let mut st = lock(&self.shared.state);
+        st.jobs.clear();
+        st.background.clear();
     }
 
     /// Stops the threads once the queue is empty and waits for them, except
@@ -255,6 +294,25 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 }
 
+/// Drops the tasks at the front of `q` that were queued `limit` or more
+/// before `now` (adding their ids to `dropped`); returns when the next one
+/// will be due.
+fn drop_expired<T>(
+    q: &mut VecDeque<Queued<T>>,
+    limit: Duration,
+    now: Instant,
+    dropped: &mut Vec<u64>,
+) -> Option<Instant> {
+    while let Some((id, _, queued)) = q.front() {
+        if *queued + limit > now {
+            return Some(*queued + limit);
+        }
+        dropped.push(*id);
+        q.pop_front();
+    }
+    None
+}
+
 /// Nice value of worker threads: the reactor, which only ever does short
 /// nonblocking work, must not queue behind bulk copies for the CPU.
 const WORKER_NICE: i32 = 10;
@@ -278,7 +336,8 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         let (id, job) = {
             let mut st = lock(&s.state);
             loop {
-                if let Some((id, job, _)) = st.jobs.pop_front() {
+                let next = st.jobs.pop_front().or_else(|| st.background.pop_front());
+                if let Some((id, job, _)) = next {
                     st.running.insert(id, (index, Instant::now()));
                     break (id, job);
                 }
@@ -427,5 +486,60 @@ mod tests {
         let e = pool.expire(limit, now);
         assert_eq!((e.stuck, e.dropped), (vec![5], vec![6]));
         drop(held);
+    }
+
+    #[test]
+    fn demand_tasks_run_before_background_ones() {
+        let pool = WorkerPool::<u64>::new(1).unwrap();
+        let release = blocking_job(&pool, 1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        for (id, p) in [
+            (2, Priority::Background),
+            (3, Priority::Demand),
+            (4, Priority::Background),
+            (5, Priority::Demand),
+        ] {
+            let order = order.clone();
+            pool.submit_as(id, p, move || {
+                lock(&order).push(id);
+                id
+            });
+        }
+        drop(release);
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+            pool.take_completions(&mut got);
+        }
+        assert_eq!(*lock(&order), vec![3, 5, 2, 4]);
+    }
+
+    #[test]
+    fn a_promoted_background_task_runs_with_the_demand_ones() {
+        let pool = WorkerPool::<u64>::new(1).unwrap();
+        let release = blocking_job(&pool, 1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        for (id, p) in [
+            (2, Priority::Background),
+            (3, Priority::Background),
+            (4, Priority::Demand),
+        ] {
+            let order = order.clone();
+            pool.submit_as(id, p, move || {
+                lock(&order).push(id);
+                id
+            });
+        }
+        pool.promote(3);
+        pool.promote(99);
+        drop(release);
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+            pool.take_completions(&mut got);
+        }
+        assert_eq!(*lock(&order), vec![4, 3, 2]);
     }
 }

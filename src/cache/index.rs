@@ -4,6 +4,7 @@
 //! calling a backend that hung on a blob. No I/O happens here.
 
 use super::disk::DiskWatch;
+use super::readahead::Readahead;
 use super::{scan_data_dir, Blob, CacheConfig};
 use crate::jobs::JobId;
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +52,8 @@ struct OpenBlob {
     /// Set when a fill of this blob timed out: until `until`, fetches that
     /// need the backend fail at once; after it, one probe fill at a time.
     hung: Option<Hung>,
+    /// How the blob is being read, for readahead.
+    readahead: Readahead,
 }
 
 #[derive(Clone, Copy)]
@@ -173,6 +176,7 @@ impl Index {
             last_used: self.clock,
             bytes,
             hung: None,
+            readahead: Readahead::default(),
         });
         self.by_id.insert(id, key);
         key
@@ -350,44 +354,67 @@ impl Index {
         let max_run = (self.cfg.max_job / g).max(1);
         let mut waiting_on: Vec<JobId> = Vec::new();
         let mut runs = Vec::new();
-        let mut gi = g0;
-        while gi <= g1 {
-            if blob.is_ready(gi) {
-                gi += 1;
-                continue;
-            }
-            // Already being filled by a job that covers gi?
-            if let Some((&j0, &(n, job))) = ob.inflight.range(..=gi).next_back() {
-                if gi < j0 + n {
+        for span in spans(ob, g0, g1, max_run) {
+            match span {
+                Span::Filling(job) => {
                     if waiting_on.last() != Some(&job) {
                         waiting_on.push(job);
                     }
-                    gi = j0 + n;
-                    continue;
+                }
+                Span::Missing(gi, n) => {
+                    if probing && (!ob.inflight.is_empty() || !runs.is_empty()) {
+                        // The probe is out; this request cannot be served now.
+                        return Plan::Unavailable;
+                    }
+                    runs.push((gi, n));
                 }
             }
-            // A run of granules that are neither ready nor in flight.
-            if probing && (!ob.inflight.is_empty() || !runs.is_empty()) {
-                // The probe is out; this request cannot be served now.
-                return Plan::Unavailable;
-            }
-            let next_inflight = ob
-                .inflight
-                .range(gi..)
-                .next()
-                .map_or(u64::MAX, |(&j0, _)| j0);
-            let mut n = 0;
-            while gi + n <= g1 && n < max_run && gi + n < next_inflight && !blob.is_ready(gi + n) {
-                n += 1;
-            }
-            runs.push((gi, n));
-            gi += n;
         }
         Plan::Wait {
             count: end - start,
             waiting_on,
             runs,
         }
+    }
+
+    /// Shows readahead a FetchRange of `[start, start + count)` on `key`
+    /// (hit or miss); returns the runs of granules `(g0, n)` to fill ahead
+    /// of a sequential reader, none of them ready or in flight, to be
+    /// started in the background and recorded with [`Index::fill_started`].
+    /// Empty for a random reader, while the backend is in a cool-down, or
+    /// when the disk has no room for them.
+    pub fn read_ahead(&mut self, key: BlobKey, start: u64, count: u64) -> Vec<(u64, u64)> {
+        let (max, min) = (self.cfg.readahead, self.cfg.max_job);
+        let Some(ob) = self.blobs.get_mut(key) else {
+            return Vec::new();
+        };
+        let size = ob.blob.size();
+        let end = start.saturating_add(count).min(size);
+        if start >= end {
+            return Vec::new();
+        }
+        let Some((from, to)) = ob.readahead.on_request(start, end, size, min, max) else {
+            return Vec::new();
+        };
+        if ob.hung.is_some() {
+            return Vec::new();
+        }
+        let g = ob.blob.granule_size();
+        let max_run = (self.cfg.max_job / g).max(1);
+        let runs: Vec<(u64, u64)> = spans(ob, from / g, (to - 1) / g, max_run)
+            .filter_map(|s| match s {
+                Span::Missing(g0, n) => Some((g0, n)),
+                Span::Filling(_) => None,
+            })
+            .collect();
+        let need: u64 = runs
+            .iter()
+            .map(|&(g0, n)| ((g0 + n) * g).min(size).saturating_sub(g0 * g))
+            .sum();
+        if need > 0 && self.disk.is_some() && !self.make_room(need, Cause::MinFree) {
+            return Vec::new();
+        }
+        runs
     }
 
     /// Records that `job` fills granules `[g0, g0 + n)` of `key`.
@@ -524,6 +551,49 @@ impl Index {
     }
 }
 
+/// What a granule range of a blob needs: granules already being filled
+/// (by that job), or a run `(g0, n)` of granules neither ready nor in
+/// flight, at most the longest fill job.
+#[derive(Debug, PartialEq, Eq)]
+enum Span {
+    Filling(JobId),
+    Missing(u64, u64),
+}
+
+/// The [`Span`]s of granules `[g0, g1]` of `ob`, in order; ready granules
+/// are skipped.
+fn spans(ob: &OpenBlob, g0: u64, g1: u64, max_run: u64) -> impl Iterator<Item = Span> + '_ {
+    let blob = &ob.blob;
+    let mut gi = g0;
+    std::iter::from_fn(move || {
+        while gi <= g1 && blob.is_ready(gi) {
+            gi += 1;
+        }
+        if gi > g1 {
+            return None;
+        }
+        // Already being filled by a job that covers gi?
+        if let Some((&j0, &(n, job))) = ob.inflight.range(..=gi).next_back() {
+            if gi < j0 + n {
+                gi = j0 + n;
+                return Some(Span::Filling(job));
+            }
+        }
+        let next_inflight = ob
+            .inflight
+            .range(gi..)
+            .next()
+            .map_or(u64::MAX, |(&j0, _)| j0);
+        let mut n = 0;
+        while gi + n <= g1 && n < max_run && gi + n < next_inflight && !blob.is_ready(gi + n) {
+            n += 1;
+        }
+        let run = Span::Missing(gi, n);
+        gi += n;
+        Some(run)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,5 +726,48 @@ mod tests {
         // The same completion seen twice is not counted twice.
         index.fill_finished(key, &blob, g0, job, true);
         assert_eq!(index.used_bytes(), 4096);
+    }
+
+    #[test]
+    fn readahead_follows_a_sequential_reader_and_skips_what_is_filling() {
+        // 64 granules of 4 KiB, jobs of 2 granules, window up to 16.
+        let (_d, cfg, be, _) = setup(64 * 4096, 4096);
+        let mut cfg = (*cfg).clone();
+        cfg.readahead = 16 * 4096;
+        let cfg = Arc::new(cfg);
+        let mut index = Index::new(cfg.clone());
+        let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let blob = index.blob(key).unwrap().clone();
+        let now = Instant::now();
+        let mut next = 0;
+        let mut ahead = Vec::new();
+        for i in 0..8u64 {
+            let plan = index.plan(key, i * 4096, 4096, || now);
+            for (job, g0, n) in start_runs(&mut index, key, &plan, &mut next) {
+                blob.fill(&be, g0, n).unwrap();
+                index.fill_finished(key, &blob, g0, job, true);
+            }
+            for (g0, n) in index.read_ahead(key, i * 4096, 4096) {
+                assert!((1..=2).contains(&n), "runs are at most one job");
+                for g in g0..g0 + n {
+                    assert!(!blob.is_ready(g), "granule {g} is ready already");
+                    assert!(!ahead.contains(&g), "granule {g} asked twice");
+                    ahead.push(g);
+                }
+                next += 1;
+                index.fill_started(key, g0, n, next);
+            }
+        }
+        // The first two reads asked for nothing; then the reader always had
+        // granules in flight ahead of it, none past the window.
+        assert!(
+            ahead.contains(&8) && ahead.iter().all(|&g| g < 8 + 16),
+            "{ahead:?}"
+        );
+        // The granules are in flight, not ready: nothing was marked valid.
+        assert!(ahead.iter().all(|&g| !blob.is_ready(g)));
+        // A random reader elsewhere gets nothing ahead.
+        assert!(index.read_ahead(key, 50 * 4096, 100).is_empty());
+        assert!(index.read_ahead(key, 30 * 4096, 100).is_empty());
     }
 }

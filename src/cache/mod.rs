@@ -6,6 +6,7 @@
 //! - [`map`]: the readiness map's on-disk format.
 //! - [`index`]: the reactor-side table of blobs, LRU and limit, fill planning
 //!   and the hung-backend breaker.
+//! - [`readahead`]: sequential-read detection, per blob.
 //!
 //! On-disk layout and crash reasoning: docs/CACHE.md.
 
@@ -13,6 +14,7 @@ pub mod blob;
 pub mod disk;
 pub mod index;
 pub mod map;
+pub mod readahead;
 
 pub use blob::Blob;
 pub use disk::{MinFree, DEFAULT_MIN_FREE};
@@ -29,6 +31,8 @@ pub const DEFAULT_GRANULE: u64 = 1 << 20;
 /// Largest single fill job; longer runs of missing granules are split so
 /// several workers fill one cold range in parallel.
 pub const DEFAULT_MAX_JOB: u64 = 4 << 20;
+/// Default largest readahead window (docs/CACHE.md, docs/PERFORMANCE.md).
+pub const DEFAULT_READAHEAD: u64 = 64 << 20;
 
 /// Where and how the cache keeps its files.
 #[derive(Clone, Debug)]
@@ -45,6 +49,9 @@ pub struct CacheConfig {
     /// Free space to keep on the work dir's file system (`--min-free`);
     /// `None`: no watermark (ENOSPC is still handled).
     pub min_free: Option<MinFree>,
+    /// Largest readahead window in bytes for a sequential reader; 0 turns
+    /// readahead off.
+    pub readahead: u64,
 }
 
 impl CacheConfig {
@@ -55,6 +62,7 @@ impl CacheConfig {
             max_job: DEFAULT_MAX_JOB,
             limit: None,
             min_free: None,
+            readahead: DEFAULT_READAHEAD,
         }
     }
 

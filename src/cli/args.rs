@@ -249,6 +249,9 @@ pub struct ServeOptions {
     /// Readiness granule, a power of two of at least 4K [default: 1M]
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub granule: Option<Size>,
+    /// Largest readahead window for a sequential reader; 0 turns readahead off [default: 64M]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
+    pub readahead: Option<Size>,
     /// Most bytes of blob data to keep; least recently used blobs are evicted [default: no limit]
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub cache_size: Option<Size>,
@@ -305,6 +308,7 @@ impl ServeOptions {
             workers: self.workers.or(file.workers),
             max_conns: self.max_conns.or(file.max_conns),
             granule: self.granule.or(file.granule),
+            readahead: self.readahead.or(file.readahead),
             cache_size: self.cache_size.or(file.cache_size),
             min_free: self.min_free.or(file.min_free),
             sock_mode: self.sock_mode.or(file.sock_mode),

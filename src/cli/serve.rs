@@ -94,6 +94,9 @@ fn server_config(o: &ServeOptions) -> Result<ServerConfig, Fail> {
         cfg.cache.granule = g.0;
         cfg.cache.max_job = cfg.cache.max_job.max(g.0);
     }
+    if let Some(r) = o.readahead {
+        cfg.cache.readahead = r.0;
+    }
     if let Some(limit) = o.cache_size {
         if limit.0 < cfg.cache.granule {
             return Err(Fail(format!(

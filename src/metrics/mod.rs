@@ -150,6 +150,8 @@ pub struct WorkCounters {
     /// Requests decoded, counted as they arrive.
     pub received: Counter,
     pub fills_started: Counter,
+    /// Fills started ahead of a sequential reader (also in `fills_started`).
+    pub readahead_fills: Counter,
     pub fills_failed: Counter,
     pub jobs_timed_out: Counter,
     /// Upgrades whose new binary did not take over (the daemon goes on).
@@ -428,6 +430,12 @@ impl Metrics {
                 "counter",
                 "Fill jobs started (each one backend read).",
                 w.fills_started.get(),
+            ),
+            (
+                "blobmgr_readahead_fills_total",
+                "counter",
+                "Fill jobs started ahead of a sequential reader (counted in fills_started too).",
+                w.readahead_fills.get(),
             ),
             (
                 "blobmgr_fills_failed_total",

@@ -337,10 +337,11 @@ impl Service {
             }
         };
         let result = match self.index.plan(key, start, count, Instant::now) {
-            Plan::Ready { count } => {
+            Plan::Ready { count: n } => {
                 self.metrics.request(op, Outcome::Hit);
                 self.metrics.fetch_time(true).observe_instant();
-                Reply::fetch(token, count, FetchResult::Ok)
+                self.read_ahead(key, source, start, count);
+                Reply::fetch(token, n, FetchResult::Ok)
             }
             Plan::NoSpace => {
                 // Blobs may have been evicted while trying: delete them now.
@@ -369,7 +370,8 @@ impl Service {
                 };
                 // Blobs evicted to make room go first, before the fills.
                 self.start_evictions();
-                return self.wait_for_fills(key, source, fetch, waiting_on, runs);
+                self.wait_for_fills(key, source.clone(), fetch, waiting_on, runs);
+                return self.read_ahead(key, source, start, count);
             }
         };
         if need {
@@ -404,6 +406,7 @@ impl Service {
                     n,
                     source,
                     retried: false,
+                    ahead: false,
                 });
                 self.index.fill_started(key, g0, n, job);
                 self.jobs.wait(job, fid);
@@ -422,6 +425,38 @@ impl Service {
             self.fetch_progress(fid, false);
         }
         self.publish();
+    }
+
+    /// Shows the blob's readahead a FetchRange of `[start, start + count)`
+    /// and starts the background fills it asks for (nobody waits on them;
+    /// a later FetchRange that needs one waits on it like on any fill).
+    fn read_ahead(&mut self, key: BlobKey, source: Source, start: u64, count: u64) {
+        let runs = self.index.read_ahead(key, start, count);
+        let Some(blob) = self.index.blob(key).cloned().filter(|_| !runs.is_empty()) else {
+            return;
+        };
+        // Blobs evicted to make room for them go first.
+        self.start_evictions();
+        for (g0, n) in runs {
+            let job = self.jobs.start(JobKind::Fill {
+                key,
+                blob: blob.clone(),
+                g0,
+                n,
+                source: source.clone(),
+                retried: false,
+                ahead: true,
+            });
+            self.index.fill_started(key, g0, n, job);
+            self.metrics.work.fills_started.bump();
+            self.metrics.work.readahead_fills.bump();
+        }
+        self.publish();
+    }
+
+    /// Background jobs someone now waits for, to move ahead in the pool.
+    pub fn take_promoted(&mut self) -> std::vec::Drain<'_, JobId> {
+        self.jobs.take_promoted()
     }
 
     /// One fill that fetch `fid` waited on ended.
@@ -500,6 +535,7 @@ impl Service {
             n,
             source,
             retried,
+            ahead,
         } = kind
         else {
             return;
@@ -524,6 +560,7 @@ impl Service {
                             n,
                             source,
                             retried: true,
+                            ahead,
                         };
                         let job = self.jobs.start(retry);
                         self.index.fill_started(key, g0, n, job);

@@ -303,3 +303,62 @@ fn past_the_token_limit_the_least_recently_used_token_is_retired() {
     );
     assert_eq!(h.svc.metrics().cache.tokens_open.get(), 16);
 }
+
+/// A sequential reader gets readahead fills nobody waits on; one that fails
+/// marks nothing ready, and a later read of its granules fills them again;
+/// a read that needs a readahead fill in flight waits on it and promotes it.
+#[test]
+fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
+    let mut h = Harness::new(&[("b", 64 * 4096)], None);
+    let token = h.token("b");
+    let key = h.svc.index().lookup("b").unwrap();
+    // Three sequential reads: the third starts readahead behind it.
+    let mut ahead = Vec::new();
+    for i in 0..3u64 {
+        h.fetch(token, i * 4096, 4096);
+        let jobs: Vec<_> = h.svc.take_jobs().collect();
+        for (id, kind) in jobs {
+            if kind.priority() == crate::worker::Priority::Background {
+                ahead.push((id, kind));
+            } else {
+                let out = (h.runner.work(kind))();
+                h.svc.job_done(id, Some(out));
+            }
+        }
+        assert_eq!(h.replies().len(), 1, "read {i} answered");
+    }
+    assert!(ahead.len() >= 2, "readahead started: {}", ahead.len());
+    assert_eq!(
+        h.svc.metrics().work.readahead_fills.get(),
+        ahead.len() as u64
+    );
+    let blob = h.svc.index().blob(key).unwrap().clone();
+    // The first readahead fill fails: its granules stay not ready.
+    let (failed_id, failed) = ahead.remove(0);
+    let JobKind::Fill { g0, n, .. } = failed.clone() else {
+        panic!("{failed:?}")
+    };
+    h.svc.job_done(failed_id, None);
+    assert!((g0..g0 + n).all(|g| !blob.is_ready(g)));
+    // A read of the second one's granules waits on it and promotes it.
+    let (second_id, second) = ahead.remove(0);
+    let JobKind::Fill { g0: s0, .. } = second.clone() else {
+        panic!("{second:?}")
+    };
+    let tag = h.fetch(token, s0 * 4096, 100);
+    assert!(h.replies().is_empty(), "waits for the fill in flight");
+    assert_eq!(h.svc.take_promoted().collect::<Vec<_>>(), vec![second_id]);
+    let out = (h.runner.work(second))();
+    h.svc.job_done(second_id, Some(out));
+    assert!(matches!(
+        h.replies()[..],
+        [(t, Reply::FetchRange { result: 0, count: 100, .. })] if t == tag
+    ));
+    // The failed granules are filled again when asked for.
+    h.fetch(token, g0 * 4096, 4096);
+    h.run_jobs();
+    assert!(blob.is_ready(g0));
+    for (id, kind) in ahead {
+        h.svc.job_done(id, Some((h.runner.work(kind))()));
+    }
+}

@@ -189,18 +189,18 @@ pub trait Backend: Send + Sync + 'static {
         Ok((offset, offset + len))
     }
 
-    /// Checks a completely filled blob (`size` bytes of `data`) against what
-    /// the backend knows of it, e.g. its digest. On error the cache discards
-    /// every granule of the blob. The default trusts the bytes.
-    fn verify(&self, _id: &str, _data: &File, _size: u64) -> Result<(), BackendError> {
-        Ok(())
+    /// The sha256 a blob's bytes must hash to, when the backend knows it
+    /// (a registry digest). The cache then hashes the bytes as they are
+    /// filled and checks the completed blob against it; on a mismatch it
+    /// discards every granule and calls [`Backend::integrity_failed`].
+    /// `None` (the default): the bytes are trusted.
+    fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+        None
     }
 
-    /// Whether [`Backend::verify`] does anything; if not, completed blobs
-    /// are not marked verified and nothing is re-checked.
-    fn verifies(&self) -> bool {
-        false
-    }
+    /// A completed blob failed its check: forget anything remembered about
+    /// serving it (such as an endpoint that sent it whole).
+    fn integrity_failed(&self, _id: &str) {}
 
     /// A short description for logs.
     fn describe(&self) -> String;

@@ -115,7 +115,7 @@ impl Sources {
         if !looks_like_reference(text) {
             let id = protocol::validate_blob_id(text.as_bytes()).map_err(ResolveError::BadId)?;
             let key = self.default.canonical_id(id).ok_or(ResolveError::NotAnId)?;
-            if !self.default.verifies() && key.starts_with("sha256:") {
+            if key.starts_with("sha256:") && self.default.expected_sha256(&key).is_none() {
                 // A plain id of a backend that does not check digests must
                 // not share the cache entry of the digest it spells: a
                 // reference's bytes are verified, a local file's are not.

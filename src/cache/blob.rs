@@ -5,6 +5,7 @@
 //! A granule's bit is set only after its bytes were written to the data
 //! file; see docs/CACHE.md for the crash reasoning.
 
+use super::checksum::Checksum;
 use super::map::{self, MapHeader, StoredMap};
 use super::{CacheConfig, OpenError};
 use crate::backend::{Backend, BackendError};
@@ -32,6 +33,8 @@ pub struct Blob {
     map: Mutex<File>,
     boot_id: [u8; 16],
     verify_state: AtomicU8,
+    /// The sha256 so far, for backends that know the digest.
+    checksum: Checksum,
 }
 
 impl fmt::Debug for Blob {
@@ -138,6 +141,7 @@ impl Blob {
             map: Mutex::new(map),
             boot_id,
             verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
+            checksum: Checksum::default(),
         })
     }
 
@@ -242,10 +246,11 @@ impl Blob {
             w1.max(end) / self.granule
         };
         let newly = (first..last).filter(|&g| !self.is_ready(g)).count() as u64;
+        let expected = backend.expected_sha256(backend_id);
         // The fill that completes the blob checks it before its own granules
         // are reported ready, so a blob never shows complete and unchecked.
         if self.ready_count() + newly == self.granules() {
-            self.verify(backend, backend_id)?;
+            self.verify(backend, backend_id, expected)?;
         }
         self.mark_ready(first, last - first);
         if let Err(e) = self.persist(false) {
@@ -253,28 +258,74 @@ impl Blob {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
         if self.ready_count() < self.granules() {
+            if expected.is_some() && !self.is_verified() {
+                self.hash_ready_prefix();
+            }
             return Ok(false);
         }
         // Two last fills that ran at once each saw the other missing: the
         // check runs here instead (a no-op if it already passed).
-        self.verify(backend, backend_id)?;
+        self.verify(backend, backend_id, expected)?;
         Ok(true)
     }
 
-    /// Checks the complete blob with the backend, once; a mismatch throws
-    /// the cache away.
-    fn verify(&self, backend: &dyn Backend, backend_id: &str) -> Result<(), BackendError> {
-        if !backend.verifies()
-            || self
-                .verify_state
-                .compare_exchange(UNVERIFIED, VERIFYING, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
+    /// Hashes on through the granules ready from the front (a failure is
+    /// only logged: the check at completion hashes what is left, and fails
+    /// there if the file cannot be read).
+    fn hash_ready_prefix(&self) {
+        let ready = |g| self.is_ready(g);
+        if let Err(e) = self
+            .checksum
+            .advance(&self.data, self.size, self.granule, ready)
+        {
+            log::warn!("blob {}: hashing the cache file: {e}", self.id);
+        }
+    }
+
+    /// Checks the complete blob against the sha256 its backend expects,
+    /// once; a mismatch throws the cache away.
+    fn verify(
+        &self,
+        backend: &dyn Backend,
+        backend_id: &str,
+        expected: Option<[u8; 32]>,
+    ) -> Result<(), BackendError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        if self
+            .verify_state
+            .compare_exchange(UNVERIFIED, VERIFYING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
         {
             return Ok(());
         }
-        if let Err(e) = backend.verify(backend_id, &self.data, self.size) {
+        let got = match self.checksum.finish(&self.data, self.size) {
+            Ok(Some(got)) => got,
+            // Finished by an earlier check of these same bytes that passed.
+            Ok(None) => expected,
+            Err(e) => {
+                log::error!(
+                    "blob {}: hashing the cache file: {e}; discarding its cache",
+                    self.id
+                );
+                self.discard();
+                return Err(BackendError::Io(
+                    format!("hash the cache file of {}", self.id),
+                    e,
+                ));
+            }
+        };
+        if got != expected {
+            let e = BackendError::Integrity(format!(
+                "{}: the {} bytes received hash to sha256:{}",
+                self.id,
+                self.size,
+                hex::encode(got)
+            ));
             log::error!("blob {}: {e}; discarding its cache", self.id);
             self.discard();
+            backend.integrity_failed(backend_id);
             return Err(e);
         }
         self.verify_state.store(VERIFIED, Ordering::Release);
@@ -286,6 +337,7 @@ impl Blob {
         for w in self.ready.iter() {
             w.store(0, Ordering::Release);
         }
+        self.checksum.reset();
         self.verify_state.store(UNVERIFIED, Ordering::Release);
         if let Err(e) = self.persist(false) {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
@@ -389,5 +441,70 @@ mod tests {
         assert_eq!(b.ready_bytes(), 100);
         b.fill(&be, 0, 1).unwrap();
         assert_eq!(b.ready_bytes(), 4196);
+    }
+
+    /// A local backend that also names the sha256 its blobs must hash to.
+    struct Digested(crate::backend::LocalFs, [u8; 32]);
+
+    impl Backend for Digested {
+        fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+            self.0.blob_size(id)
+        }
+        fn read_into(&self, id: &str, off: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+            self.0.read_into(id, off, len, dst)
+        }
+        fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+            Some(self.1)
+        }
+        fn describe(&self) -> String {
+            "digested".into()
+        }
+    }
+
+    fn digested(be: crate::backend::LocalFs, data: &[u8]) -> Digested {
+        use sha2::Digest;
+        Digested(be, sha2::Sha256::digest(data).into())
+    }
+
+    #[test]
+    fn in_order_fills_are_hashed_as_they_land_and_checked_at_the_end() {
+        let (_d, cfg, be, data) = setup(8 * 4096 + 10, 4096);
+        let be = digested(be, &data);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        for g in 0..8 {
+            assert!(!b.fill(&be, g, 1).unwrap());
+            assert_eq!(b.checksum.hashed(), (g + 1) * 4096, "hashed as filled");
+        }
+        assert!(b.fill(&be, 8, 1).unwrap());
+        assert!(b.is_verified());
+    }
+
+    #[test]
+    fn out_of_order_fills_are_checked_and_a_bad_byte_discards_the_blob() {
+        let (d, cfg, be, data) = setup(6 * 4096, 4096);
+        let be = digested(be, &data);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        for g in [5, 3, 1, 4, 2] {
+            assert!(!b.fill(&be, g, 1).unwrap());
+        }
+        assert_eq!(b.checksum.hashed(), 0, "nothing from the front yet");
+        assert!(b.fill(&be, 0, 1).unwrap());
+        assert!(b.is_verified());
+        // The same blob with one byte changed at the backend.
+        let mut bad = data.clone();
+        bad[3 * 4096 + 7] ^= 1;
+        std::fs::write(d.path().join("be/b"), &bad).unwrap();
+        crate::cache::remove_blob_files(&cfg, "b").unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(!b.fill(&be, 0, 4).unwrap());
+        assert!(b.checksum.hashed() > 0);
+        let e = b.fill(&be, 4, 2).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0, "every granule discarded");
+        assert!(!b.is_verified());
+        // Right bytes again: the refill passes, hashed from the start.
+        std::fs::write(d.path().join("be/b"), &data).unwrap();
+        assert!(b.fill(&be, 0, 6).unwrap());
+        assert!(b.is_verified());
     }
 }

@@ -3,6 +3,7 @@
 //! and which blobs to evict.
 //!
 //! - [`blob`]: one blob's files and bits; filled and persisted by workers.
+//! - [`checksum`]: a blob's sha256, computed as it is filled.
 //! - [`map`]: the readiness map's on-disk format.
 //! - [`index`]: the reactor-side table of blobs, LRU and limit, fill planning
 //!   and the hung-backend breaker.
@@ -11,6 +12,7 @@
 //! On-disk layout and crash reasoning: docs/CACHE.md.
 
 pub mod blob;
+pub mod checksum;
 pub mod disk;
 pub mod index;
 pub mod map;

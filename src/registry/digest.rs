@@ -1,17 +1,9 @@
 //! Blob digests: the one canonical form of an id (`sha256:<hex>`), and the
-//! check of a completed cache file against it.
+//! bytes it names (the cache checks a completed blob against them).
 //!
 //! Only sha256 is accepted, the algorithm of every OCI image layer in use.
-//! Hashing is `sha2`, hex encoding the `hex` crate.
-
-use crate::backend::BackendError;
-use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
-
-/// Read size when hashing a cache file.
-const HASH_BUF: usize = 1 << 20;
+//! The hashing itself is the cache's (`cache::checksum`); hex decoding is
+//! the `hex` crate.
 
 /// `sha256:<64 lowercase hex>` or the bare hex → `sha256:<hex>`; anything
 /// else (other algorithms, uppercase, wrong length, a tag) → `None`.
@@ -21,52 +13,19 @@ pub fn canonical_digest(id: &str) -> Option<String> {
     ok.then(|| format!("sha256:{hex}"))
 }
 
-/// Checks that the first `size` bytes of `data` hash to `digest` (canonical
-/// form); `id` names the blob in the error.
-pub(super) fn check_file(
-    id: &str,
-    digest: &str,
-    data: &File,
-    size: u64,
-) -> Result<(), BackendError> {
-    let got = sha256_file(data, size)?;
-    if digest.strip_prefix("sha256:") == Some(got.as_str()) {
-        Ok(())
-    } else {
-        Err(BackendError::Integrity(format!(
-            "{id}: the {size} bytes received hash to sha256:{got}"
-        )))
-    }
-}
-
-/// sha256 of the first `size` bytes of `data`, in lowercase hex.
-fn sha256_file(data: &File, size: u64) -> Result<String, BackendError> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; HASH_BUF];
-    let mut at = 0u64;
-    while at < size {
-        let want = ((size - at) as usize).min(buf.len());
-        match data.read_at(&mut buf[..want], at) {
-            Ok(0) => {
-                return Err(BackendError::ShortRead {
-                    expected: size,
-                    got: at,
-                })
-            }
-            Ok(n) => {
-                h.update(&buf[..n]);
-                at += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(BackendError::Io(format!("read cache at {at}"), e)),
-        }
-    }
-    Ok(hex::encode(h.finalize()))
+/// The 32 bytes a canonical `sha256:<hex>` digest names; `None` for any
+/// other string.
+pub fn sha256_bytes(digest: &str) -> Option<[u8; 32]> {
+    let hex = canonical_digest(digest)?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(&hex["sha256:".len()..], &mut out).ok()?;
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     /// sha256 of the empty blob.
     const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -85,14 +44,13 @@ mod tests {
     }
 
     #[test]
-    fn files_hash_to_lowercase_hex() {
-        let f = tempfile::tempfile().unwrap();
-        assert_eq!(sha256_file(&f, 0).unwrap(), HEX);
-        f.write_all_at(b"abc", 0).unwrap();
+    fn digests_name_their_bytes() {
+        let want: [u8; 32] = Sha256::digest(b"abc").into();
         // FIPS 180-2's first example.
-        assert_eq!(
-            sha256_file(&f, 3).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        let d = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_bytes(d), Some(want));
+        assert_eq!(sha256_bytes(&d.to_uppercase()), None);
+        assert_eq!(sha256_bytes("sha256:xyz"), None);
+        assert_eq!(sha256_bytes(HEX).map(hex::encode).as_deref(), Some(HEX));
     }
 }

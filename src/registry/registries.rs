@@ -328,20 +328,19 @@ impl Backend for Registries {
         })
     }
 
-    fn verify(&self, id: &str, data: &File, size: u64) -> Result<(), BackendError> {
-        let r = Self::parse(id)?;
-        let digest = format!("sha256:{}", r.digest().hex());
-        let result = digest::check_file(id, &digest, data, size);
-        if result.is_err() {
-            for c in lock(&self.clients).values() {
-                c.forget_whole(&digest);
-            }
-        }
-        result
+    fn expected_sha256(&self, id: &str) -> Option<[u8; 32]> {
+        let r = Self::parse(id).ok()?;
+        digest::sha256_bytes(&format!("sha256:{}", r.digest().hex()))
     }
 
-    fn verifies(&self) -> bool {
-        true
+    fn integrity_failed(&self, id: &str) {
+        let Ok(r) = Self::parse(id) else {
+            return;
+        };
+        let digest = format!("sha256:{}", r.digest().hex());
+        for c in lock(&self.clients).values() {
+            c.forget_whole(&digest);
+        }
     }
 
     fn describe(&self) -> String {

@@ -354,18 +354,25 @@ pub(super) fn copy_body(
     let mut buf = vec![0u8; len.min(COPY_BUF as u64) as usize];
     let mut done = 0u64;
     while done < len {
+        // Whole buffers per write: the HTTP client hands out a few KiB per
+        // read, and each write takes the cache file's inode lock.
         let want = ((len - done) as usize).min(buf.len());
-        let n = match body.read(&mut buf[..want]) {
-            Ok(0) => return Err(short(done)),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(short(done)),
-            Err(e) => return Err(body_failure(ctx, e)),
-        };
+        let mut got = 0;
+        while got < want {
+            match body.read(&mut buf[got..want]) {
+                Ok(0) => return Err(short(done + got as u64)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(short(done + got as u64))
+                }
+                Err(e) => return Err(body_failure(ctx, e)),
+            }
+        }
         let at = offset + done;
-        dst.write_all_at(&buf[..n], at)
+        dst.write_all_at(&buf[..got], at)
             .map_err(|e| Failure::fatal(BackendError::Io(format!("write cache at {at}"), e)))?;
-        done += n as u64;
+        done += got as u64;
     }
     Ok(())
 }

@@ -250,6 +250,24 @@ impl Daemon {
         Raw::connect(&self.sock)
     }
 
+    /// The value of one sample of the daemon's metrics (`<sock>.metrics`),
+    /// named with its labels as exposed, e.g.
+    /// `blobmgr_requests_total{op="noop",result="ok"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        use std::io::{Read, Write};
+        let path = format!("{}.metrics", self.sock.display());
+        let mut s = std::os::unix::net::UnixStream::connect(&path).expect("metrics socket");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read metrics");
+        let line = text
+            .lines()
+            .find(|l| l.strip_prefix(sample).is_some_and(|r| r.starts_with(' ')))
+            .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"));
+        line[sample.len()..].trim().parse().expect("a number")
+    }
+
     /// Number of fds the daemon process has open.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))

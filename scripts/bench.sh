@@ -19,7 +19,8 @@
 #   BENCH_REG_SEED=1      registry: seed of their offsets
 #   BENCH_OUT=FILE        where the log goes (default: $TARGET/bench-results.txt)
 #
-# Takes about 6-8 minutes with the defaults.
+# Takes about 9-11 minutes with the defaults, 2-3 of them the registry
+# scenario (BENCH_REPEAT also sets its rounds).
 set -euo pipefail
 # Decimal points in $EPOCHREALTIME and awk's output, English tool output.
 export LC_ALL=C
@@ -383,13 +384,13 @@ check_sha() {
 # is written when its handler returns, so a marked request of our own is
 # made first and waited for; informative only (a handler still running
 # when the mark is logged would be missed).
-REG_MARK=0
+# It runs in a command substitution's subshell, so the mark is made unique
+# by the clock, not by a counter.
 reg_requests_since() {
     local from=$1 hex=$2 mark
-    REG_MARK=$((REG_MARK + 1))
-    mark="bench-mark=$REG_MARK"
+    mark="bench-mark=${EPOCHREALTIME/./}"
     curl -sf -o /dev/null "http://127.0.0.1:$REG_PORT/v2/?$mark" || die "the registry did not answer /v2/"
-    wait_for 10 grep -q "GET /v2/?$mark " "$REG_DIR/access.log" ||
+    wait_for 10 grep -qF "GET /v2/?$mark " "$REG_DIR/access.log" ||
         die "the registry did not log $mark within 10 s"
     tail -n +"$((from + 1))" "$REG_DIR/access.log" | awk -v blob="/blobs/sha256:$hex " '
         index($0, blob) { m = $6; sub(/^"/, "", m); n[m]++; all++; bytes += $10 }
@@ -450,7 +451,7 @@ registry_pull() {
     local gib r order side
     gib=$(calc 6 "$(stat -c %s "${REG_FILES[0]}") / 1073741824")
     local curl_s=() daemon_s=() ratio=() dcpu=() ccpu=()
-    log "## Registry: cold pull of the $REG_MIB MiB blob, curl vs a fresh daemon, $REPEAT rounds alternating"
+    log "## Registry: cold pull of the $REG_MIB MiB blob, curl vs a fresh daemon, $REPEAT round(s), alternating"
     log "\$ curl -s -o FILE $(reg_url "${REG_HEXES[0]}")"
     log "\$ blobmgr serve --sock S --workdir W --min-free 0   # fresh each round"
     log "\$ blobmgr cat --sock S $(reg_ref "${REG_HEXES[0]}") > FILE"
@@ -488,7 +489,7 @@ registry_pull() {
 registry_random() {
     local r offs off out=$TMP/random.out line code size t from reqs
     local dmed=() cmed=() ratio=()
-    log "## Registry: $REG_READS cold random 4 KiB reads of the $REG_MIB MiB blob, a fresh daemon vs curl, $REPEAT rounds"
+    log "## Registry: $REG_READS cold random 4 KiB reads of the $REG_MIB MiB blob, a fresh daemon vs curl, $REPEAT round(s)"
     log "\$ curl -s -o /dev/null -r A-B -w '%{time_total}' $(reg_url "${REG_HEXES[0]}")   # per offset"
     for r in $(seq "$REPEAT"); do
         reg_daemon_start random
@@ -575,7 +576,7 @@ probe_under_pulls() {
 # probe on an echo server, BENCH_REPEAT rounds, the order alternating.
 registry_probe() {
     local r kind dp99=() ep99=() ratio=() dpulls eps
-    log "## Registry: Noop p99 while 4 clients cold-pull a $REG_SMALL_MIB MiB blob each, probe on the daemon vs on an echo server, $REPEAT rounds"
+    log "## Registry: Noop p99 while 4 clients cold-pull a $REG_SMALL_MIB MiB blob each, probe on the daemon vs on an echo server, $REPEAT round(s)"
     log "\$ blobmgr cat --sock S 127.0.0.1:$REG_PORT/$REG_REPO@sha256:... > /dev/null   # x4 at once, a fresh daemon per run"
     log "\$ loadgen probe --sock S --until-file F                 # the daemon's socket"
     log "\$ loadgen baseline --style batch --sock E & loadgen probe --sock E --until-file F   # an echo server's"

@@ -33,6 +33,22 @@
 //!     A minimal raw Noop server: `tpc` is a thread per connection doing one
 //!     read and one write per request; `batch` is one mio thread answering
 //!     every complete header of a read with one write.
+//! probe    --sock PATH (--secs S | --until-file FILE) [--interval-us 200]
+//!          [--label L] [--connect-timeout 10]
+//!     The --probe client of `cold` on its own, against the daemon or a
+//!     `baseline` server: one Noop at a time, a pause of --interval-us
+//!     after each reply, until S seconds have passed or FILE exists.
+//!     Prints "probe: running" once connected (a script starts its load
+//!     then), and at the end p50/p99/p999/max in a SUMMARY line.
+//! random   --sock PATH --blob ID [--len 4096] [--count 32] [--seed 1]
+//!          [--offsets A,B,...] [--check FILE] [--label L]
+//!     Cold random reads: GetBlob of ID (a plain id or a blob reference),
+//!     then one at a time a FetchRange of --len bytes and a pread of them
+//!     through the fd, each pair timed. The offsets are --offsets, or
+//!     --count drawn from --seed, each in a different MiB of the blob;
+//!     they are printed first ("offsets A,B,...") so a baseline can read
+//!     the same ranges. Prints the median and mean per read; --check
+//!     compares the bytes read with FILE, after the timed part.
 //! ```
 
 use blobmgr::protocol::{self, Code, Header, Reply, Request, HEADER_SIZE};
@@ -54,7 +70,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(mode) = args.first().cloned() else {
-        eprintln!("usage: loadgen noop|fetch|cold|idle|baseline [options]; see the source header");
+        eprintln!("usage: loadgen noop|fetch|cold|idle|baseline|probe|random [options]; see the source header");
         std::process::exit(2);
     };
     let opts = match Opts::parse(&args[1..]) {
@@ -71,6 +87,8 @@ fn main() {
         "cold" => cmd_cold(&opts),
         "idle" => cmd_idle(&opts),
         "baseline" => cmd_baseline(&opts),
+        "probe" => cmd_probe(&opts),
+        "random" => cmd_random(&opts),
         other => Err(format!("unknown mode {other:?}").into()),
     };
     if let Err(e) = r {
@@ -930,18 +948,7 @@ fn cold_once(
         let s = connect(sock)?;
         let stop = stop.clone();
         Some(std::thread::spawn(move || -> Res<Hist> {
-            let mut h = Hist::new();
-            let mut tag = 0u64;
-            while stop.load(Ordering::Relaxed) == 0 {
-                tag += 1;
-                let t = Instant::now();
-                match call(&s, tag, &Request::Noop)? {
-                    Reply::Noop => h.record(t.elapsed()),
-                    r => return Err(format!("probe: {r:?}").into()),
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            Ok(h)
+            probe_loop(&s, PROBE_INTERVAL, || stop.load(Ordering::Relaxed) != 0)
         }))
     } else {
         None
@@ -978,6 +985,26 @@ fn cold_once(
         return Err(format!("read {} of {size} bytes ({} errors)", res.bytes, res.errors).into());
     }
     Ok(res)
+}
+
+/// How long the Noop prober sleeps after each reply.
+const PROBE_INTERVAL: Duration = Duration::from_micros(200);
+
+/// The responsiveness probe: one Noop at a time on `s`, then a pause of
+/// `interval`, until `stop()` is true; the latency of every Noop.
+fn probe_loop(s: &UnixStream, interval: Duration, mut stop: impl FnMut() -> bool) -> Res<Hist> {
+    let mut h = Hist::new();
+    let mut tag = 0u64;
+    while !stop() {
+        tag += 1;
+        let t = Instant::now();
+        match call(s, tag, &Request::Noop)? {
+            Reply::Noop => h.record(t.elapsed()),
+            r => return Err(format!("probe: {r:?}").into()),
+        }
+        std::thread::sleep(interval);
+    }
+    Ok(h)
 }
 
 /// Times `cp src dst` (dst a new file next to src, removed afterwards),
@@ -1157,5 +1184,193 @@ fn cmd_idle(o: &Opts) -> Res<()> {
     if answered != k {
         return Err(format!("only {answered} of {k} connections answered").into());
     }
+    Ok(())
+}
+
+/// Connects to `sock`, retrying until `within` has passed (the server may
+/// still be starting).
+fn connect_within(sock: &Path, within: Duration) -> Res<UnixStream> {
+    let deadline = Instant::now() + within;
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("connect {}: {e}", sock.display()).into())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// The `cold --probe` prober on its own, against any Noop server (the
+/// daemon or a `baseline`), so a script can run it next to load that
+/// loadgen does not generate.
+fn cmd_probe(o: &Opts) -> Res<()> {
+    let sock = o.sock()?;
+    let interval = Duration::from_micros(o.num("interval-us", 200u64)?);
+    let secs = match o.kv.get("secs") {
+        Some(v) => Some(
+            v.parse::<f64>()
+                .map_err(|_| format!("--secs: {v:?} is not a number"))?,
+        ),
+        None => None,
+    };
+    let until = o.kv.get("until-file").map(PathBuf::from);
+    if secs.is_none() && until.is_none() {
+        return Err("--secs or --until-file is required".into());
+    }
+    let label = o.kv.get("label").cloned().unwrap_or_default();
+    let within = Duration::from_secs_f64(o.num("connect-timeout", 10.0f64)?);
+    let s = connect_within(&sock, within)?;
+    // A script waits for this line before it starts the load.
+    println!("probe{label}: running against {}", sock.display());
+    let t0 = Instant::now();
+    let end = secs.map(|s| t0 + Duration::from_secs_f64(s));
+    // A stat of the stop file every 10 ms, not after every Noop.
+    let mut next_check = t0;
+    let h = probe_loop(&s, interval, || {
+        let now = Instant::now();
+        if end.is_some_and(|e| now >= e) {
+            return true;
+        }
+        match &until {
+            Some(f) if now >= next_check => {
+                next_check = now + Duration::from_millis(10);
+                f.exists()
+            }
+            _ => false,
+        }
+    })?;
+    println!(
+        "SUMMARY probe{label}: Noop p50 us {:.1}  p99 us {:.1}  p999 us {:.1}  max us {:.1}  (n={} in {:.2} s)",
+        h.q_us(0.5),
+        h.q_us(0.99),
+        h.q_us(0.999),
+        h.q_us(1.0),
+        h.n,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// splitmix64: a small deterministic generator, so the same seed gives the
+/// same offsets on every machine.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `count` offsets of `len`-byte reads in a blob of `size` bytes, each in a
+/// different MiB: the MiBs are spread evenly over the blob (one drawn from
+/// each of `count` equal stretches), the offset within the MiB is drawn
+/// too (4 KiB-aligned, the read inside the MiB), and the order is shuffled
+/// so the reads never look sequential.
+fn scattered_offsets(size: u64, len: u64, count: usize, seed: u64) -> Res<Vec<u64>> {
+    const MIB: u64 = 1 << 20;
+    let mibs = size / MIB;
+    if len == 0 || len > MIB || count == 0 || count as u64 > mibs {
+        return Err(format!(
+            "cannot place {count} reads of {len} bytes in different MiBs of a {size}-byte blob"
+        )
+        .into());
+    }
+    let mut rng = seed;
+    let slots = (MIB - len) / 4096 + 1;
+    let mut v: Vec<u64> = (0..count as u64)
+        .map(|i| {
+            let lo = i * mibs / count as u64;
+            let hi = (i + 1) * mibs / count as u64;
+            let mib = lo + splitmix(&mut rng) % (hi - lo);
+            mib * MIB + splitmix(&mut rng) % slots * 4096
+        })
+        .collect();
+    for i in (1..v.len()).rev() {
+        let j = (splitmix(&mut rng) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    Ok(v)
+}
+
+/// Cold random reads, one at a time on one connection: each is a
+/// FetchRange of `len` bytes and a pread of them through the fd, timed
+/// together, as an application reading a lazily pulled image would.
+fn cmd_random(o: &Opts) -> Res<()> {
+    let sock = o.sock()?;
+    let blob = o.str("blob")?;
+    let len = o.num("len", 4096u64)?;
+    let label = o.kv.get("label").cloned().unwrap_or_default();
+    let s = connect(&sock)?;
+    let t = Instant::now();
+    let (token, fd) = get_blob(&s, blob)?;
+    let get_blob_ms = t.elapsed().as_secs_f64() * 1e3;
+    let f = File::from(fd);
+    let size = f.metadata()?.len();
+    let offsets = match o.kv.get("offsets") {
+        Some(list) => list
+            .split(',')
+            .map(|x| x.trim().parse::<u64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| format!("--offsets: {list:?} is not a list of numbers"))?,
+        None => scattered_offsets(size, len, o.num("count", 32usize)?, o.num("seed", 1u64)?)?,
+    };
+    if let Some(&bad) = offsets.iter().find(|&&x| x + len > size) {
+        return Err(format!("offset {bad} + {len} is past the blob's end ({size})").into());
+    }
+    // Printed first, so a baseline can read exactly the same ranges.
+    let list: Vec<String> = offsets.iter().map(u64::to_string).collect();
+    println!("offsets {}", list.join(","));
+    let mut buf = vec![0u8; len as usize * offsets.len()];
+    let (mut reads, mut fetches) = (Hist::new(), Hist::new());
+    let (mut read_us, mut fetch_us) = (Vec::new(), Vec::new());
+    for (i, (&off, out)) in offsets.iter().zip(buf.chunks_mut(len as usize)).enumerate() {
+        let req = Request::FetchRange {
+            token,
+            start: off,
+            count: len,
+        };
+        let t = Instant::now();
+        let r = call(&s, i as u64 + 1, &req)?;
+        let fetched = t.elapsed();
+        match r {
+            Reply::FetchRange {
+                result: 0, count, ..
+            } if count == len => {}
+            r => return Err(format!("FetchRange at {off}: {r:?}").into()),
+        }
+        f.read_exact_at(out, off)?;
+        let read = t.elapsed();
+        reads.record(read);
+        fetches.record(fetched);
+        read_us.push(read.as_secs_f64() * 1e6);
+        fetch_us.push(fetched.as_secs_f64() * 1e6);
+    }
+    if let Some(check) = o.kv.get("check") {
+        let src = File::open(check)?;
+        let mut want = vec![0u8; len as usize];
+        for (&off, got) in offsets.iter().zip(buf.chunks(len as usize)) {
+            src.read_exact_at(&mut want, off)?;
+            if want != got {
+                return Err(format!("wrong bytes at {off} (compared with {check})").into());
+            }
+        }
+    }
+    let n = offsets.len();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (med, lo, hi) = mmm(read_us.clone());
+    println!(
+        "run random{label}: GetBlob {get_blob_ms:.1} ms; {n} reads of {len} bytes: median {med:.0} us [{lo:.0} .. {hi:.0}]  mean {:.0} us  p99 {:.0} us; FetchRange alone: median {:.0} us  mean {:.0} us{}",
+        mean(&read_us),
+        reads.q_us(0.99),
+        fetches.q_us(0.5),
+        mean(&fetch_us),
+        if o.kv.contains_key("check") { "; bytes checked" } else { "" }
+    );
+    println!(
+        "SUMMARY random{label} daemon: read median us {med:.1}  mean us {:.1}  (n={n})",
+        mean(&read_us)
+    );
     Ok(())
 }

@@ -17,6 +17,7 @@
 #   BENCH_REG_SMALL_MIB=256   registry: each of the four blobs pulled at once
 #   BENCH_REG_READS=32    registry: cold random 4 KiB reads per round
 #   BENCH_REG_SEED=1      registry: seed of their offsets
+#   BENCH_REG_PARTS="pull random probe"   registry: which of its parts run
 #   BENCH_OUT=FILE        where the log goes (default: $TARGET/bench-results.txt)
 #
 # Takes about 9-11 minutes with the defaults, 2-3 of them the registry
@@ -43,6 +44,7 @@ REG_MIB=${BENCH_REG_MIB:-1024}
 REG_SMALL_MIB=${BENCH_REG_SMALL_MIB:-256}
 REG_READS=${BENCH_REG_READS:-32}
 REG_SEED=${BENCH_REG_SEED:-1}
+REG_PARTS=${BENCH_REG_PARTS:-pull random probe}
 
 # die MESSAGE: stops the script (the EXIT trap cleans up); the message also
 # goes to the log once there is one.
@@ -608,6 +610,10 @@ registry_probe() {
 # first so the final summary collects it with the SUMMARY and RATIO lines.
 target() {
     local note=${5:+  ($5)}
+    if [ "$2" = nan ]; then
+        log "$(printf 'TARGET registry %-44s %6s' "$1" 'not run (BENCH_REG_PARTS)')"
+        return
+    fi
     log "$(printf 'TARGET registry %-44s %6s   target %s %-4s %-6s%s' "$1" "$(calc 2 "$2")" "$3" "$4" "$(verdict "$2" "$3" "$4")" "$note")"
 }
 
@@ -615,9 +621,14 @@ scenario_registry() {
     # The local-backend daemon has no part here: only what is measured runs.
     stop_daemon
     reg_setup
-    registry_pull
-    registry_random
-    registry_probe
+    PULL_RATIO=nan PULL_DCPU=nan PULL_CCPU=nan RANDOM_RATIO=nan RANDOM_D=nan RANDOM_C=nan
+    PROBE_RATIO=nan PROBE_D=nan PROBE_E=nan
+    for part in $REG_PARTS; do
+        case $part in
+        pull | random | probe) "registry_$part" ;;
+        *) die "BENCH_REG_PARTS: unknown part '$part' (pull, random, probe)" ;;
+        esac
+    done
     stop_pid "$REG_PID"
     REG_PID=
     log "## Registry summary (issue 12): medians over $REPEAT round(s), each ratio measured side by side in this run; targets are reported, not asserted"

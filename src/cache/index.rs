@@ -52,8 +52,6 @@ struct OpenBlob {
     /// Set when a fill of this blob timed out: until `until`, fetches that
     /// need the backend fail at once; after it, one probe fill at a time.
     hung: Option<Hung>,
-    /// How the blob is being read, for readahead.
-    readahead: Readahead,
 }
 
 #[derive(Clone, Copy)]
@@ -176,7 +174,6 @@ impl Index {
             last_used: self.clock,
             bytes,
             hung: None,
-            readahead: Readahead::default(),
         });
         self.by_id.insert(id, key);
         key
@@ -377,13 +374,19 @@ impl Index {
         }
     }
 
-    /// Shows readahead a FetchRange of `[start, start + count)` on `key`
-    /// (hit or miss); returns the runs of granules `(g0, n)` to fill ahead
-    /// of a sequential reader, none of them ready or in flight, to be
-    /// started in the background and recorded with [`Index::fill_started`].
-    /// Empty for a random reader, while the backend is in a cool-down, or
-    /// when the disk has no room for them.
-    pub fn read_ahead(&mut self, key: BlobKey, start: u64, count: u64) -> Vec<(u64, u64)> {
+    /// Shows `stream` (one reader's readahead state) a FetchRange of
+    /// `[start, start + count)` on `key`, hit or miss; returns the runs of
+    /// granules `(g0, n)` to fill ahead of a sequential reader, none of them
+    /// ready or in flight, to be started in the background and recorded
+    /// with [`Index::fill_started`]. Empty for a random reader, while the
+    /// backend is in a cool-down, or when the disk has no room for them.
+    pub fn read_ahead(
+        &mut self,
+        key: BlobKey,
+        stream: &mut Readahead,
+        start: u64,
+        count: u64,
+    ) -> Vec<(u64, u64)> {
         let (max, min) = (self.cfg.readahead, self.cfg.max_job);
         let Some(ob) = self.blobs.get_mut(key) else {
             return Vec::new();
@@ -393,7 +396,7 @@ impl Index {
         if start >= end {
             return Vec::new();
         }
-        let Some((from, to)) = ob.readahead.on_request(start, end, size, min, max) else {
+        let Some((from, to)) = stream.on_request(start, end, size, min, max) else {
             return Vec::new();
         };
         if ob.hung.is_some() {
@@ -741,13 +744,14 @@ mod tests {
         let now = Instant::now();
         let mut next = 0;
         let mut ahead = Vec::new();
+        let mut stream = Readahead::default();
         for i in 0..8u64 {
             let plan = index.plan(key, i * 4096, 4096, || now);
             for (job, g0, n) in start_runs(&mut index, key, &plan, &mut next) {
                 blob.fill(&be, g0, n).unwrap();
                 index.fill_finished(key, &blob, g0, job, true);
             }
-            for (g0, n) in index.read_ahead(key, i * 4096, 4096) {
+            for (g0, n) in index.read_ahead(key, &mut stream, i * 4096, 4096) {
                 assert!((1..=2).contains(&n), "runs are at most one job");
                 for g in g0..g0 + n {
                     assert!(!blob.is_ready(g), "granule {g} is ready already");
@@ -767,7 +771,9 @@ mod tests {
         // The granules are in flight, not ready: nothing was marked valid.
         assert!(ahead.iter().all(|&g| !blob.is_ready(g)));
         // A random reader elsewhere gets nothing ahead.
-        assert!(index.read_ahead(key, 50 * 4096, 100).is_empty());
-        assert!(index.read_ahead(key, 30 * 4096, 100).is_empty());
+        let mut other = Readahead::default();
+        for g in [50, 30, 40, 10] {
+            assert!(index.read_ahead(key, &mut other, g * 4096, 100).is_empty());
+        }
     }
 }

@@ -254,3 +254,24 @@ fn urls_in_errors_lose_query_and_user_info() {
     assert!(!same_origin(&a, &Url::parse("http://reg:81/x").unwrap()));
     assert!(!same_origin(&a, &Url::parse("http://other/x").unwrap()));
 }
+
+#[test]
+fn through_a_proxy_http_goes_in_absolute_form_with_its_query() {
+    let (proxy, heads) = serve("127.0.0.1", vec![answer("200 OK", "")]);
+    let h = Http::new(&RegistryOptions {
+        proxy: Some(proxy.as_str().trim_end_matches('/').to_owned()),
+        ..RegistryOptions::default()
+    });
+    // A host that does not resolve: only the proxy is asked.
+    let realm = "http://realm.invalid:5001/token?service=reg&scope=repository%3Aa%3Apull";
+    let resp = h
+        .call("GET", &Url::parse(realm).unwrap(), &[], soon())
+        .expect("an answer from the proxy");
+    assert_eq!(resp.status(), 200);
+    let heads = heads.join().unwrap();
+    assert!(
+        heads[0].starts_with(&format!("GET {realm} HTTP/1.1\r\n")),
+        "{}",
+        heads[0]
+    );
+}

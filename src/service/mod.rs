@@ -340,7 +340,7 @@ impl Service {
             Plan::Ready { count: n } => {
                 self.metrics.request(op, Outcome::Hit);
                 self.metrics.fetch_time(true).observe_instant();
-                self.read_ahead(key, source, start, count);
+                self.read_ahead(conn, token, key, source, start, count);
                 Reply::fetch(token, n, FetchResult::Ok)
             }
             Plan::NoSpace => {
@@ -371,7 +371,7 @@ impl Service {
                 // Blobs evicted to make room go first, before the fills.
                 self.start_evictions();
                 self.wait_for_fills(key, source.clone(), fetch, waiting_on, runs);
-                return self.read_ahead(key, source, start, count);
+                return self.read_ahead(conn, token, key, source, start, count);
             }
         };
         if need {
@@ -427,11 +427,25 @@ impl Service {
         self.publish();
     }
 
-    /// Shows the blob's readahead a FetchRange of `[start, start + count)`
-    /// and starts the background fills it asks for (nobody waits on them;
-    /// a later FetchRange that needs one waits on it like on any fill).
-    fn read_ahead(&mut self, key: BlobKey, source: Source, start: u64, count: u64) {
-        let runs = self.index.read_ahead(key, start, count);
+    /// Shows the readahead of `token` (on `key`) a FetchRange of
+    /// `[start, start + count)` and starts the background fills it asks for
+    /// (nobody waits on them; a later FetchRange that needs one waits on it
+    /// like on any fill).
+    fn read_ahead(
+        &mut self,
+        conn: ConnId,
+        token: u64,
+        key: BlobKey,
+        source: Source,
+        start: u64,
+        count: u64,
+    ) {
+        let Some(stream) =
+            session(&mut self.sessions, conn).and_then(|s| s.tokens.readahead(token as u32))
+        else {
+            return;
+        };
+        let runs = self.index.read_ahead(key, stream, start, count);
         let Some(blob) = self.index.blob(key).cloned().filter(|_| !runs.is_empty()) else {
             return;
         };

@@ -3,6 +3,7 @@
 //! so does the choice of the token to retire when a connection holds too
 //! many.
 
+use crate::cache::readahead::Readahead;
 use crate::cache::{BlobKey, Index};
 use crate::metrics::Counter;
 use crate::source::Source;
@@ -14,6 +15,9 @@ struct Held {
     used: u64,
     /// Where fills started through this token come from.
     source: Source,
+    /// How the blob is read through this token (each reader its own
+    /// stream, the way the kernel keeps readahead per open file).
+    readahead: Readahead,
 }
 
 /// See the module docs.
@@ -32,6 +36,11 @@ impl Tokens {
         Some((h.key, h.source.clone()))
     }
 
+    /// The readahead state of token `n`.
+    pub fn readahead(&mut self, n: u32) -> Option<&mut Readahead> {
+        self.held.get_mut(&n).map(|h| &mut h.readahead)
+    }
+
     pub fn len(&self) -> usize {
         self.held.len()
     }
@@ -41,7 +50,14 @@ impl Tokens {
         index.acquire(key);
         self.clock += 1;
         let used = self.clock;
-        match self.held.insert(n, Held { key, used, source }) {
+        let readahead = Readahead::default();
+        let held = Held {
+            key,
+            used,
+            source,
+            readahead,
+        };
+        match self.held.insert(n, held) {
             Some(old) => index.release(old.key),
             None => open.add(1),
         }

@@ -42,6 +42,7 @@
 //! ```
 
 mod conn;
+mod copy;
 mod error;
 mod fds;
 

@@ -19,6 +19,8 @@
 #   BENCH_REG_SEED=1      registry: seed of their offsets
 #   BENCH_REG_PARTS="pull random probe"   registry: which of its parts run
 #   BENCH_OUT=FILE        where the log goes (default: $TARGET/bench-results.txt)
+#   BENCH_BLOBMGR=PATH    the blobmgr binary measured (default: this tree's
+#                         release build), e.g. an older build for a before/after
 #
 # Takes about 9-11 minutes with the defaults, 2-3 of them the registry
 # scenario (BENCH_REPEAT also sets its rounds).
@@ -73,7 +75,7 @@ fi
 
 cd "$ROOT"
 cargo build --release --bin blobmgr --example loadgen
-BIN=$TARGET/release/blobmgr
+BIN=${BENCH_BLOBMGR:-$TARGET/release/blobmgr}
 LG=$TARGET/release/examples/loadgen
 
 TMP=$(mktemp -d /tmp/blobmgr-bench.XXXXXX)
@@ -643,6 +645,7 @@ scenario_registry() {
 : >"$OUT"
 LOG_STARTED=1
 log "# blobmgr bench $(date -u +%Y-%m-%dT%H:%M:%SZ)  git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty')"
+log "# blobmgr measured: $BIN ($("$BIN" --version 2>/dev/null | head -1))"
 log "# machine: nproc $(nproc), $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 log "# runs: ${SECS} s after 1 s warm-up, x${REPEAT}; medians [min .. max]; scenarios: $SCENARIOS"
 

@@ -3,7 +3,7 @@
 //! `blobmgr cat`: the bytes go from the daemon's cache file to the output
 //! without passing through this process's memory.
 
-use super::{Client, ClientError, RemoteBlob};
+use super::{Client, RemoteBlob};
 use nix::errno::Errno;
 use std::fs::File;
 use std::io;
@@ -33,17 +33,7 @@ impl Client {
             return Ok(0);
         }
         let want = len.min(size - offset);
-        let (valid, snap) = self.fetch(blob, offset, want)?;
-        let n = valid.min(want);
-        if n == 0 {
-            return Err(ClientError::Protocol(format!(
-                "FetchRange at {offset} of a {size}-byte blob reported no valid bytes"
-            ))
-            .into());
-        }
-        let pos = snap.base.checked_add(offset).ok_or_else(|| {
-            ClientError::Protocol(format!("base {} + offset {offset} overflows", snap.base))
-        })?;
+        let (n, snap, pos) = self.valid_at(blob, offset, want)?;
         copy_fd(&snap.file, pos, n, out).map_err(|e| {
             io::Error::new(
                 e.kind(),

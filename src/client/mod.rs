@@ -313,17 +313,8 @@ impl Client {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(size - offset);
-        let (valid, snap) = self.fetch(blob, offset, want)?;
-        let n = valid.min(want) as usize;
-        if n == 0 {
-            return Err(ClientError::Protocol(format!(
-                "FetchRange at {offset} of a {size}-byte blob reported no valid bytes"
-            ))
-            .into());
-        }
-        let pos = snap.base.checked_add(offset).ok_or_else(|| {
-            ClientError::Protocol(format!("base {} + offset {offset} overflows", snap.base))
-        })?;
+        let (n, snap, pos) = self.valid_at(blob, offset, want)?;
+        let n = n as usize;
         let mut done = 0usize;
         while done < n {
             match snap.file.read_at(&mut buf[done..n], pos + done as u64) {
@@ -348,6 +339,30 @@ impl Client {
             }
         }
         Ok(n)
+    }
+
+    /// Makes `want` bytes (at least one) at `offset` valid; returns how many
+    /// are (at most `want`), the fd state to read them through and their
+    /// position in its file.
+    fn valid_at(
+        &self,
+        blob: &RemoteBlob,
+        offset: u64,
+        want: u64,
+    ) -> io::Result<(u64, BlobState, u64)> {
+        let (valid, snap) = self.fetch(blob, offset, want)?;
+        let n = valid.min(want);
+        if n == 0 {
+            return Err(ClientError::Protocol(format!(
+                "FetchRange at {offset} of a {}-byte blob reported no valid bytes",
+                blob.size()
+            ))
+            .into());
+        }
+        let pos = snap.base.checked_add(offset).ok_or_else(|| {
+            ClientError::Protocol(format!("base {} + offset {offset} overflows", snap.base))
+        })?;
+        Ok((n, snap, pos))
     }
 
     /// Asks the daemon to fetch `[start, start + len)` in the background

@@ -48,7 +48,7 @@ impl JobKind {
     /// The queue the job waits in for a worker.
     pub fn priority(&self) -> Priority {
         match self {
-            JobKind::Fill { ahead: true, .. } | JobKind::Checkpoint { .. } => Priority::Background,
+            JobKind::Fill { ahead: true, .. } => Priority::Background,
             _ => Priority::Demand,
         }
     }
@@ -179,6 +179,15 @@ impl<W> JobTable<W> {
             }
             _ => false,
         }
+    }
+
+    /// Readahead fills nobody waits for (to cancel when draining).
+    pub fn readahead(&self) -> Vec<JobId> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.abandoned && matches!(e.kind, JobKind::Fill { ahead: true, .. }))
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// Background jobs promoted since the last call: the pool should move

@@ -426,6 +426,11 @@ impl Server {
             )
         })?;
         self.reactor.begin_drain(handover);
+        // Readahead nobody waits for is not worth a slower stop.
+        let ahead = self.service.readahead_jobs();
+        for id in self.pool.cancel(&ahead) {
+            self.service.job_done(id, None);
+        }
         let end = Instant::now() + limit;
         let mut events = Events::with_capacity(256);
         let result = loop {

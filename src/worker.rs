@@ -140,12 +140,13 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 
     /// Moves background task `id`, if it is still queued, to the back of
-    /// the demand queue (someone now waits for it).
+    /// the demand queue (someone now waits for it), with a fresh queue time.
     pub fn promote(&self, id: u64) {
         let mut st = lock(&self.shared.state);
         if let Some(i) = st.background.iter().position(|(j, _, _)| *j == id) {
-            if let Some(task) = st.background.remove(i) {
-                st.jobs.push_back(task);
+            if let Some((id, task, _)) = st.background.remove(i) {
+                // Its wait for a worker counts from now, as a demand task's.
+                st.jobs.push_back((id, task, Instant::now()));
             }
         }
     }

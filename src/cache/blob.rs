@@ -247,6 +247,10 @@ impl Blob {
         };
         let newly = (first..last).filter(|&g| !self.is_ready(g)).count() as u64;
         let expected = backend.expected_sha256(backend_id);
+        if expected.is_some() {
+            // Bytes the hash may already cover were written again.
+            self.checksum.rewritten_from(w0.min(start));
+        }
         // The fill that completes the blob checks it before its own granules
         // are reported ready, so a blob never shows complete and unchecked.
         if self.ready_count() + newly == self.granules() {
@@ -301,9 +305,7 @@ impl Blob {
             return Ok(());
         }
         let got = match self.checksum.finish(&self.data, self.size) {
-            Ok(Some(got)) => got,
-            // Finished by an earlier check of these same bytes that passed.
-            Ok(None) => expected,
+            Ok(got) => got,
             Err(e) => {
                 log::error!(
                     "blob {}: hashing the cache file: {e}; discarding its cache",
@@ -337,17 +339,18 @@ impl Blob {
         for w in self.ready.iter() {
             w.store(0, Ordering::Release);
         }
+        // Punch the bad bytes out before the hash starts over, so it never
+        // covers them; a failure here is harmless since nothing is marked
+        // ready any more.
+        let _ = self
+            .data
+            .set_len(0)
+            .and_then(|_| self.data.set_len(self.size));
         self.checksum.reset();
         self.verify_state.store(UNVERIFIED, Ordering::Release);
         if let Err(e) = self.persist(false) {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
-        // Punch the bad bytes out; a failure here is harmless since nothing
-        // is marked ready any more.
-        let _ = self
-            .data
-            .set_len(0)
-            .and_then(|_| self.data.set_len(self.size));
     }
 
     /// Whether the complete blob passed the backend's integrity check.
@@ -506,5 +509,51 @@ mod tests {
         std::fs::write(d.path().join("be/b"), &data).unwrap();
         assert!(b.fill(&be, 0, 6).unwrap());
         assert!(b.is_verified());
+    }
+
+    /// Sends the whole blob for any range (a server that ignores Range),
+    /// with granule 0 tampered with.
+    struct WholeTampered(Vec<u8>, [u8; 32]);
+
+    impl Backend for WholeTampered {
+        fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+            Ok(self.0.len() as u64)
+        }
+        fn read_into(&self, _: &str, _: u64, _: u64, _: &File) -> Result<(), BackendError> {
+            unreachable!("read_into_extent is used")
+        }
+        fn read_into_extent(
+            &self,
+            _id: &str,
+            _offset: u64,
+            _len: u64,
+            dst: &File,
+        ) -> Result<(u64, u64), BackendError> {
+            let mut bad = self.0.clone();
+            bad[100] ^= 0xff;
+            dst.write_all_at(&bad, 0).unwrap();
+            Ok((0, bad.len() as u64))
+        }
+        fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+            Some(self.1)
+        }
+        fn describe(&self) -> String {
+            "whole-tampered".into()
+        }
+    }
+
+    #[test]
+    fn hashed_bytes_written_again_are_hashed_again() {
+        // Granules 0 and 1 arrive honestly and are hashed; then a whole
+        // body rewrites granule 0 with other bytes: the check must see it.
+        let (_d, cfg, be, data) = setup(4 * 4096, 4096);
+        let honest = digested(be, &data);
+        let b = Blob::open(&cfg, &honest, "b").unwrap();
+        assert!(!b.fill(&honest, 0, 2).unwrap());
+        assert_eq!(b.checksum.hashed(), 8192);
+        let whole = WholeTampered(data.clone(), honest.1);
+        let e = b.fill(&whole, 2, 1).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0);
     }
 }

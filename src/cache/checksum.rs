@@ -22,6 +22,11 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// Read size when hashing back from the cache file.
 const HASH_BUF: usize = 1 << 20;
+/// Most bytes one [`Checksum::advance`] hashes: a fill's worker goes back
+/// to its own job after this much, so no single fill (and no client
+/// waiting on it) pays for hashing the whole blob; what is left is hashed
+/// by later fills, or at completion.
+const MAX_ADVANCE: u64 = 16 << 20;
 
 thread_local! {
     /// One read buffer per worker thread, kept between calls (a fresh
@@ -63,9 +68,10 @@ fn lock(m: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
 }
 
 impl Checksum {
-    /// Hashes on through every leading granule `ready` says is written, in
-    /// `data` of a `size`-byte blob of `granule`-byte granules. Never waits:
-    /// if another thread is hashing, it goes on for these granules.
+    /// Hashes on through the leading granules `ready` says are written, in
+    /// `data` of a `size`-byte blob of `granule`-byte granules, at most
+    /// [`MAX_ADVANCE`] bytes. Never waits: if another thread is hashing, it
+    /// goes on for these granules (within its own bound).
     pub fn advance(
         &self,
         data: &File,
@@ -73,6 +79,7 @@ impl Checksum {
         granule: u64,
         ready: impl Fn(u64) -> bool,
     ) -> io::Result<()> {
+        let mut budget = MAX_ADVANCE;
         loop {
             self.pending.store(true, Ordering::SeqCst);
             let mut p = match self.progress.try_lock() {
@@ -82,25 +89,48 @@ impl Checksum {
                 Err(TryLockError::WouldBlock) => return Ok(()),
             };
             self.pending.store(false, Ordering::SeqCst);
-            let mut to = p.at;
-            while to < size && to % granule == 0 && ready(to / granule) {
+            let from = p.at;
+            let mut to = from;
+            while to < size && to - from < budget && to % granule == 0 && ready(to / granule) {
                 to = (to + granule).min(size);
             }
             hash_to(&mut p, data, to)?;
             drop(p);
-            if !self.pending.load(Ordering::SeqCst) {
+            budget = budget.saturating_sub(to - from);
+            if budget == 0 || !self.pending.load(Ordering::SeqCst) {
                 return Ok(());
             }
         }
     }
 
     /// Hashes the rest of the first `size` bytes of `data` (all written by
-    /// now) and returns the digest; waits for a thread that is hashing.
-    /// `None` if it was finished already and not reset since.
-    pub fn finish(&self, data: &File, size: u64) -> io::Result<Option<[u8; 32]>> {
+    /// now) and returns the digest; waits for a thread that is hashing. If
+    /// it was finished already, it hashes the whole file again: a digest is
+    /// never assumed.
+    pub fn finish(&self, data: &File, size: u64) -> io::Result<[u8; 32]> {
         let mut p = lock(&self.progress);
+        if p.state.is_none() {
+            *p = Progress {
+                state: Some(Sha256::new()),
+                at: 0,
+            };
+        }
         hash_to(&mut p, data, size)?;
-        Ok(p.state.take().map(|s| s.finalize().into()))
+        let state = p.state.take().unwrap_or_default();
+        Ok(state.finalize().into())
+    }
+
+    /// Starts over if anything below `offset` was hashed: bytes there are
+    /// being written again (a server that sent the whole blob, a late
+    /// fill), so what was hashed may not be what the file holds.
+    pub fn rewritten_from(&self, offset: u64) {
+        let mut p = lock(&self.progress);
+        if offset < p.at {
+            *p = Progress {
+                state: Some(Sha256::new()),
+                at: 0,
+            };
+        }
     }
 
     /// Starts over from the first byte (the blob's bytes were discarded).
@@ -173,11 +203,16 @@ mod tests {
         assert_eq!(c.hashed(), 8192);
         c.advance(&f, size, 4096, |_| true).unwrap();
         assert_eq!(c.hashed(), size, "the short last granule ends the blob");
-        assert_eq!(c.finish(&f, size).unwrap(), Some(sha(&data)));
-        assert_eq!(c.finish(&f, size).unwrap(), None, "finished once");
+        assert_eq!(c.finish(&f, size).unwrap(), sha(&data));
         c.advance(&f, size, 4096, |_| true).unwrap();
+        assert_eq!(c.hashed(), size, "nothing to advance once finished");
+        assert_eq!(
+            c.finish(&f, size).unwrap(),
+            sha(&data),
+            "again: a full pass"
+        );
         c.reset();
-        assert_eq!(c.finish(&f, size).unwrap(), Some(sha(&data)), "a full pass");
+        assert_eq!(c.finish(&f, size).unwrap(), sha(&data), "a full pass");
     }
 
     #[test]
@@ -187,10 +222,40 @@ mod tests {
         let c = Checksum::default();
         c.advance(&f, 3 * 4096, 4096, |g| g == 2).unwrap();
         assert_eq!(c.hashed(), 0);
-        assert_eq!(c.finish(&f, 3 * 4096).unwrap(), Some(sha(&data)));
+        assert_eq!(c.finish(&f, 3 * 4096).unwrap(), sha(&data));
         let c = Checksum::default();
         let e = c.finish(&f, 4 * 4096).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn bytes_written_again_below_the_hashed_front_start_the_hash_over() {
+        let mut data = vec![1u8; 4 * 4096];
+        let f = file_of(&data);
+        let c = Checksum::default();
+        c.advance(&f, 4 * 4096, 4096, |g| g < 2).unwrap();
+        assert_eq!(c.hashed(), 8192);
+        c.rewritten_from(8192);
+        assert_eq!(c.hashed(), 8192, "at the front: nothing hashed is touched");
+        // Granule 0 is written again with other bytes: the hash starts over
+        // and the digest is of what the file holds now.
+        data[10] = 9;
+        f.write_all_at(&data[..4096], 0).unwrap();
+        c.rewritten_from(0);
+        assert_eq!(c.hashed(), 0);
+        assert_eq!(c.finish(&f, 4 * 4096).unwrap(), sha(&data));
+    }
+
+    #[test]
+    fn one_advance_hashes_a_bounded_amount() {
+        let size = MAX_ADVANCE + 3 * 4096;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        let c = Checksum::default();
+        c.advance(&f, size, 4096, |_| true).unwrap();
+        assert_eq!(c.hashed(), MAX_ADVANCE);
+        c.advance(&f, size, 4096, |_| true).unwrap();
+        assert_eq!(c.hashed(), size);
     }
 
     #[test]
@@ -220,6 +285,6 @@ mod tests {
         // Whoever marked the last granule either hashed it or left a note
         // the holder acted on: nothing is left behind.
         assert_eq!(c.hashed(), 64 * 4096);
-        assert_eq!(c.finish(&f, 64 * 4096).unwrap(), Some(sha(&data)));
+        assert_eq!(c.finish(&f, 64 * 4096).unwrap(), sha(&data));
     }
 }

@@ -396,12 +396,14 @@ impl Index {
         if start >= end {
             return Vec::new();
         }
+        if ob.hung.is_some() {
+            // Nothing is asked of a backend in a cool-down, and the stream
+            // does not move on as if it had been.
+            return Vec::new();
+        }
         let Some((from, to)) = stream.on_request(start, end, size, min, max) else {
             return Vec::new();
         };
-        if ob.hung.is_some() {
-            return Vec::new();
-        }
         let g = ob.blob.granule_size();
         let max_run = (self.cfg.max_job / g).max(1);
         let runs: Vec<(u64, u64)> = spans(ob, from / g, (to - 1) / g, max_run)

@@ -446,11 +446,12 @@ impl Service {
             return;
         };
         let runs = self.index.read_ahead(key, stream, start, count);
+        // Blobs evicted to make room (even when it then did not fit) are
+        // deleted first.
+        self.start_evictions();
         let Some(blob) = self.index.blob(key).cloned().filter(|_| !runs.is_empty()) else {
             return;
         };
-        // Blobs evicted to make room for them go first.
-        self.start_evictions();
         for (g0, n) in runs {
             let job = self.jobs.start(JobKind::Fill {
                 key,
@@ -466,6 +467,12 @@ impl Service {
             self.metrics.work.readahead_fills.bump();
         }
         self.publish();
+    }
+
+    /// Readahead fills nobody waits for: a drain cancels the queued ones
+    /// (and reports them with [`Service::job_done`]) instead of waiting.
+    pub fn readahead_jobs(&self) -> Vec<JobId> {
+        self.jobs.readahead()
     }
 
     /// Background jobs someone now waits for, to move ahead in the pool.
@@ -554,6 +561,7 @@ impl Service {
         else {
             return;
         };
+        let outcome_missing = outcome.is_none();
         let complete = match outcome {
             Some(JobOutput::Filled(Ok(complete))) => Some(complete),
             Some(JobOutput::Filled(Err(e))) => {
@@ -590,7 +598,9 @@ impl Service {
             // Panicked, cancelled or dropped (already logged).
             _ => None,
         };
-        if complete.is_none() && !late {
+        // A readahead fill cancelled at a drain is no failure of the backend.
+        let cancelled = ahead && outcome_missing && waiters.is_empty();
+        if complete.is_none() && !late && !cancelled {
             self.metrics.work.fills_failed.bump();
         }
         self.index

@@ -348,6 +348,10 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
     let tag = h.fetch(token, s0 * 4096, 100);
     assert!(h.replies().is_empty(), "waits for the fill in flight");
     assert_eq!(h.svc.take_promoted().collect::<Vec<_>>(), vec![second_id]);
+    // What a drain would cancel: readahead nobody waits for, not this one.
+    let unwaited = h.svc.readahead_jobs();
+    assert!(!unwaited.contains(&second_id));
+    assert!(ahead.iter().all(|(id, _)| unwaited.contains(id)));
     let out = (h.runner.work(second))();
     h.svc.job_done(second_id, Some(out));
     assert!(matches!(

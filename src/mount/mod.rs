@@ -174,13 +174,31 @@ impl Mount {
         }
     }
 
-    /// Waits for the session to end.
+    /// Waits for the session to end. The kernel ending the connection
+    /// (the last file of a detached mount closed, or an unmount raced with
+    /// a reading thread) is a clean end: fuser reports it as ENODEV or, from
+    /// some of its threads, ECONNABORTED.
     pub fn join(mut self) -> io::Result<()> {
-        match self.thread.take() {
+        let r = match self.thread.take() {
             Some(t) => t
                 .join()
                 .map_err(|_| io::Error::other("the FUSE session panicked"))?,
             None => Ok(()),
+        };
+        match r {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::ECONNABORTED | nix::libc::ENODEV)
+                ) =>
+            {
+                log::info!(
+                    "{}: the kernel ended the session",
+                    self.mountpoint.display()
+                );
+                Ok(())
+            }
+            r => r,
         }
     }
 }

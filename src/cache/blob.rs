@@ -131,7 +131,7 @@ impl Blob {
         let ro = open_file(&data_path, false, false)?;
         let map = open_file(&map_path, true, trusted.is_none())?;
         let verified = trusted.unwrap_or(false);
-        Ok(Blob {
+        let blob = Blob {
             id: id.to_owned(),
             size,
             granule: cfg.granule,
@@ -142,7 +142,25 @@ impl Blob {
             boot_id,
             verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
             checksum: Checksum::default(),
-        })
+        };
+        blob.check_if_complete(backend, backend_id);
+        Ok(blob)
+    }
+
+    /// A previous run left the blob complete but not checked (it stopped
+    /// between the last fill and the check's record): checks it now, on the
+    /// opening worker. A mismatch discards it, so it is fetched again.
+    fn check_if_complete(&self, backend: &dyn Backend, backend_id: &str) {
+        if self.is_verified() || self.granules() == 0 || self.ready_count() < self.granules() {
+            return;
+        }
+        let expected = backend.expected_sha256(backend_id);
+        if expected.is_some() && self.verify(backend, backend_id, expected).is_ok() {
+            log::info!(
+                "blob {}: complete from a previous run; digest checked",
+                self.id
+            );
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -554,6 +572,29 @@ mod tests {
         let whole = WholeTampered(data.clone(), honest.1);
         let e = b.fill(&whole, 2, 1).unwrap_err();
         assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    #[test]
+    fn a_complete_blob_left_unchecked_is_checked_when_opened() {
+        let (d, cfg, be, data) = setup(3 * 4096, 4096);
+        // Filled by a backend that checks nothing: complete, not verified.
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(b.fill(&be, 0, 3).unwrap());
+        assert!(!b.is_verified());
+        drop(b);
+        // Opened for a backend that names a digest the bytes match.
+        let good = digested(crate::backend::LocalFs::new(d.path().join("be")), &data);
+        let b = Blob::open(&cfg, &good, "b").unwrap();
+        assert!(b.is_verified() && b.ready_count() == 3);
+        drop(b);
+        // A digest they do not match: discarded at open.
+        std::fs::remove_file(cfg.map_dir().join("b")).unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(b.fill(&be, 0, 3).unwrap());
+        drop(b);
+        let bad = digested(crate::backend::LocalFs::new(d.path().join("be")), b"other");
+        let b = Blob::open(&cfg, &bad, "b").unwrap();
         assert_eq!(b.ready_count(), 0);
     }
 }

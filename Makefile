@@ -29,7 +29,10 @@ lint:
 fmt:
 	$(CARGO) fmt
 
+# Criterion, then the scenarios of docs/PERFORMANCE.md (installs the
+# registry scenario's tools first when missing).
 bench:
+	bash scripts/setup-test-deps.sh bench
 	$(CARGO) bench
 	bash scripts/bench.sh
 

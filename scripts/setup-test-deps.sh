@@ -21,6 +21,13 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null 2>&1 ||
   missing+=(systemd)
 command -v mkfs.erofs >/dev/null 2>&1 || missing+=(erofs-utils)
+# `setup-test-deps.sh bench` (make bench): also what scripts/bench.sh's
+# registry scenario runs beside the daemon.
+if [ "${1:-}" = bench ]; then
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  [ -x /usr/bin/time ] || missing+=(time)
+  command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need ${missing[*]}; run as root or install them" >&2

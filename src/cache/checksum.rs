@@ -70,7 +70,7 @@ fn lock(m: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
 impl Checksum {
     /// Hashes on through the leading granules `ready` says are written, in
     /// `data` of a `size`-byte blob of `granule`-byte granules, at most
-    /// [`MAX_ADVANCE`] bytes. Never waits: if another thread is hashing, it
+    /// `MAX_ADVANCE` bytes. Never waits: if another thread is hashing, it
     /// goes on for these granules (within its own bound).
     pub fn advance(
         &self,

@@ -2,7 +2,7 @@
 //! being filled (so each is fetched once however many clients ask), the
 //! least-recently-used order and the byte limit, and the breaker that stops
 //! calling a backend that hung on a blob. No I/O happens here. Which blob
-//! to evict, and when, is in [`evict`].
+//! to evict, and when, is in `index/evict.rs`.
 
 use super::disk::DiskWatch;
 use super::readahead::Readahead;

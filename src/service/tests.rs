@@ -5,6 +5,7 @@ use super::*;
 use crate::backend::LocalFs;
 use crate::cache::CacheConfig;
 use crate::jobs::Runner;
+use crate::protocol::FetchResult;
 use crate::protocol::{encode_request, Header};
 
 struct Harness {

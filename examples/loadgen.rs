@@ -563,13 +563,8 @@ impl ChildServer {
             .arg(&sock)
             .stdin(Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&sock).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("baseline {style} did not start").into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        connect_within(&sock, Duration::from_secs(10))
+            .map_err(|e| format!("baseline {style} did not start: {e}"))?;
         Ok(ChildServer {
             child,
             sock,

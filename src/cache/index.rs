@@ -227,10 +227,7 @@ impl Index {
         }
         let g = self.cfg.granule;
         let size = self.blob(key).map_or(0, |b| b.size());
-        let need: u64 = runs
-            .iter()
-            .map(|&(g0, n)| ((g0 + n) * g).min(size).saturating_sub(g0 * g))
-            .sum();
+        let need = run_bytes(runs, g, size);
         if !self.make_room(need, Cause::MinFree) {
             let id = self.blob(key).map_or("?", |b| b.id());
             log::warn!("blob {id}: {need} bytes do not fit above --min-free; failing the fetch");
@@ -336,10 +333,7 @@ impl Index {
                 Span::Filling(_) => None,
             })
             .collect();
-        let need: u64 = runs
-            .iter()
-            .map(|&(g0, n)| ((g0 + n) * g).min(size).saturating_sub(g0 * g))
-            .sum();
+        let need = run_bytes(&runs, g, size);
         if need > 0 && self.disk.is_some() && !self.make_room(need, Cause::MinFree) {
             return Vec::new();
         }
@@ -404,6 +398,14 @@ impl Index {
             );
         }
     }
+}
+
+/// Bytes of a `size`-byte blob that runs of `granule`-byte granules
+/// `(g0, n)` cover (the last granule ends at the blob's end).
+fn run_bytes(runs: &[(u64, u64)], granule: u64, size: u64) -> u64 {
+    runs.iter()
+        .map(|&(g0, n)| ((g0 + n) * granule).min(size).saturating_sub(g0 * granule))
+        .sum()
 }
 
 /// What a granule range of a blob needs: granules already being filled

@@ -269,7 +269,7 @@ impl Index {
             Some(_) => true,
             None => false,
         };
-        let max_run = (self.cfg.max_job / g).max(1);
+        let max_run = self.cfg.job_granules(end - start, g);
         let mut waiting_on: Vec<JobId> = Vec::new();
         let mut runs = Vec::new();
         for span in spans(ob, g0, g1, max_run) {
@@ -326,7 +326,7 @@ impl Index {
             return Vec::new();
         };
         let g = ob.blob.granule_size();
-        let max_run = (self.cfg.max_job / g).max(1);
+        let max_run = self.cfg.job_granules(stream.window(), g);
         let runs: Vec<(u64, u64)> = spans(ob, from / g, (to - 1) / g, max_run)
             .filter_map(|s| match s {
                 Span::Missing(g0, n) => Some((g0, n)),
@@ -512,6 +512,23 @@ mod tests {
     }
 
     #[test]
+    fn long_ranges_are_filled_in_larger_jobs() {
+        // Jobs of 2 granules for short ranges; a range of 64 granules is
+        // split in four jobs of 16, so a long pull makes fewer requests.
+        let (_d, cfg, be, _) = setup(64 * 4096, 4096);
+        let mut index = Index::new(cfg.clone());
+        let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
+        let now = Instant::now();
+        let runs = |p: Plan| match p {
+            Plan::Wait { runs, .. } => runs,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(runs(index.plan(key, 0, 4 * 4096, || now)), [(0, 2), (2, 2)]);
+        let long = runs(index.plan(key, 0, 64 * 4096, || now));
+        assert_eq!(long, [(0, 16), (16, 16), (32, 16), (48, 16)]);
+    }
+
+    #[test]
     fn a_timed_out_blob_fails_fast_then_is_probed_one_fill_at_a_time() {
         let (_d, cfg, be, _) = setup(10 * 4096, 4096);
         let mut index = Index::new(cfg.clone());
@@ -606,7 +623,9 @@ mod tests {
                 index.fill_finished(key, &blob, g0, job, true);
             }
             for (g0, n) in index.read_ahead(key, &mut stream, i * 4096, 4096) {
-                assert!((1..=2).contains(&n), "runs are at most one job");
+                // A quarter of the window, at least one job of 2 granules.
+                let job = (stream.window() / 4 / 4096).max(2);
+                assert!((1..=job).contains(&n), "runs are at most one job");
                 for g in g0..g0 + n {
                     assert!(!blob.is_ready(g), "granule {g} is ready already");
                     assert!(!ahead.contains(&g), "granule {g} asked twice");

@@ -254,7 +254,16 @@ impl Blob {
     ) -> Result<bool, BackendError> {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
-        let (w0, w1) = backend.read_into_extent(backend_id, start, end - start, &self.data)?;
+        let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
+            Ok(extent) => extent,
+            Err(e) => {
+                // A failed fill may have written part of what it got, and
+                // anywhere (a whole body starts at byte 0): the hash may
+                // no longer be of what the file holds.
+                self.checksum.rewritten_from(0);
+                return Err(e);
+            }
+        };
         // Whole granules inside what was written (the last one may end at
         // the blob's end); never less than the granules asked for.
         let first = w0.min(start).div_ceil(self.granule).min(g0);
@@ -530,8 +539,9 @@ mod tests {
     }
 
     /// Sends the whole blob for any range (a server that ignores Range),
-    /// with granule 0 tampered with.
-    struct WholeTampered(Vec<u8>, [u8; 32]);
+    /// with granule 0 tampered with; with `.2`, the connection then breaks
+    /// before the end.
+    struct WholeTampered(Vec<u8>, [u8; 32], bool);
 
     impl Backend for WholeTampered {
         fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
@@ -549,6 +559,11 @@ mod tests {
         ) -> Result<(u64, u64), BackendError> {
             let mut bad = self.0.clone();
             bad[100] ^= 0xff;
+            if self.2 {
+                dst.write_all_at(&bad[..4096], 0).unwrap();
+                let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+                return Err(BackendError::Io("body".into(), reset));
+            }
             dst.write_all_at(&bad, 0).unwrap();
             Ok((0, bad.len() as u64))
         }
@@ -569,9 +584,27 @@ mod tests {
         let b = Blob::open(&cfg, &honest, "b").unwrap();
         assert!(!b.fill(&honest, 0, 2).unwrap());
         assert_eq!(b.checksum.hashed(), 8192);
-        let whole = WholeTampered(data.clone(), honest.1);
+        let whole = WholeTampered(data.clone(), honest.1, false);
         let e = b.fill(&whole, 2, 1).unwrap_err();
         assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    #[test]
+    fn hashed_bytes_written_again_by_a_failed_fill_are_hashed_again() {
+        // As above, but the whole body breaks off after rewriting granule
+        // 0: the fill fails, and the honest fills that complete the blob
+        // must not pass the check on the hash of the old bytes.
+        let (_d, cfg, be, data) = setup(4 * 4096, 4096);
+        let honest = digested(be, &data);
+        let b = Blob::open(&cfg, &honest, "b").unwrap();
+        assert!(!b.fill(&honest, 0, 2).unwrap());
+        assert_eq!(b.checksum.hashed(), 8192);
+        let broken = WholeTampered(data.clone(), honest.1, true);
+        assert!(matches!(b.fill(&broken, 2, 1), Err(BackendError::Io(..))));
+        let e = b.fill(&honest, 2, 2).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert!(!b.is_verified());
         assert_eq!(b.ready_count(), 0);
     }
 

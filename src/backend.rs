@@ -71,7 +71,7 @@ pub enum BackendError {
         /// The failure as the daemon logs it: kind, message and cause,
         /// without the URL.
         detail: String,
-        /// The HTTP client's error (for the registry, a `ureq::Transport`;
+        /// The HTTP client's error (for the registry, a `ureq::Error`;
         /// its `Debug` form may show the full URL).
         source: Box<dyn Error + Send + Sync>,
     },

@@ -20,7 +20,7 @@
 //! [`BackendError::AccessDenied`]. Credentials and tokens never appear in an
 //! error or a log line.
 
-use super::transport::{self, redact, Failure, Http, Reply};
+use super::transport::{self, redact, Answer as _, Failure, Http, Reply};
 use crate::backend::BackendError;
 use base64::Engine as _;
 use std::sync::{Mutex, MutexGuard};
@@ -200,7 +200,7 @@ impl Auth {
             headers.push(("Authorization", b.as_str()));
         }
         let resp = http.call("GET", url, &headers, deadline)?;
-        let status = resp.status();
+        let status = resp.code();
         if status != 200 {
             transport::drain(resp);
             let url = redact(url);
@@ -245,7 +245,7 @@ impl Auth {
         form.push(("scope", scope));
         form.push(("client_id", CLIENT_ID));
         let resp = http.post_form(url, &form, deadline)?;
-        let status = resp.status();
+        let status = resp.code();
         if status != 200 {
             transport::drain(resp);
             let url = redact(url);

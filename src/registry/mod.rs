@@ -41,7 +41,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transport::{Failure, Http, Reply};
+use transport::{Answer as _, Failure, Http, Reply};
 use url::Url;
 
 /// Default per-request deadline.
@@ -249,7 +249,7 @@ impl Registry {
             let reply = self
                 .http
                 .follow(method, url, range, auth, &self.base, deadline)?;
-            match reply.resp.status() {
+            match reply.resp.code() {
                 200..=299 => return Ok(reply),
                 401 if reply.on_origin && !answered => {
                     answered = true;
@@ -334,7 +334,7 @@ impl Registry {
     ) -> Result<Got, Failure> {
         let reply = self.send("GET", url, Some((offset, last)), deadline)?;
         let len = last - offset + 1;
-        match reply.resp.status() {
+        match reply.resp.code() {
             206 => {
                 let Some(skip) = bytes_before(&reply.resp, offset) else {
                     let cr = reply.resp.header("Content-Range").unwrap_or("").to_owned();
@@ -469,7 +469,7 @@ impl Drop for Registry {
 /// How many body bytes of a ranged GET's answer precede `offset`: for a
 /// 206, from its Content-Range (`None` if that is missing, malformed or
 /// starts after `offset`).
-fn bytes_before(resp: &ureq::Response, offset: u64) -> Option<u64> {
+fn bytes_before(resp: &transport::Response, offset: u64) -> Option<u64> {
     let (first, _) = parse_content_range(resp.header("Content-Range")?)?;
     (first <= offset).then(|| offset - first)
 }

@@ -4,7 +4,20 @@
 //! names (matching the host and its subdomains, with or without a leading
 //! dot), `host:port` entries, IP addresses (exact) and `*` (everything).
 //! CIDR ranges are not understood.
+//!
+//! Through an HTTP proxy, `https://` URLs go through a CONNECT tunnel and
+//! `http://` ones are sent to the proxy as they are, in absolute form
+//! (`GET http://host:port/path?query HTTP/1.1`), so that the proxy sees and
+//! may cache or redistribute each request. ureq 3 itself tunnels both;
+//! [`connector`] puts [`ForwardConnector`] in front of its connectors for
+//! the `http://` case.
 
+use std::fmt;
+use ureq::unversioned::transport::{
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, NextTimeout,
+    TcpConnector, Transport,
+};
+use ureq::ProxyProtocol;
 use url::Url;
 
 /// The proxy settings of the daemon's environment.
@@ -73,9 +86,157 @@ impl ProxyEnv {
     }
 }
 
+/// The connectors of an agent up to TLS: `http://` URLs through an HTTP
+/// proxy in absolute form, others through the proxy's CONNECT tunnel (if
+/// the agent has a proxy), else straight over TCP. TLS goes after it.
+pub(super) fn connector() -> impl Connector {
+    ().chain(ForwardConnector)
+        .chain(ConnectProxyConnector::default())
+        .chain(TcpConnector::default())
+}
+
+/// Connects an `http://` request of an agent with an HTTP proxy to the
+/// proxy itself; [`Forward`] puts the request line in absolute form.
+#[derive(Debug)]
+struct ForwardConnector;
+
+impl<In: Transport> Connector<In> for ForwardConnector {
+    type Out = Either<In, Forward>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        if let Some(t) = chained {
+            return Ok(Some(Either::A(t)));
+        }
+        // The connection to a proxy itself is made with a config without
+        // one, so this passes it on to TCP.
+        let Some(proxy) = details.config.proxy() else {
+            return Ok(None);
+        };
+        if proxy.protocol() != ProxyProtocol::Http
+            || details.needs_tls()
+            || proxy.is_no_proxy(details.uri)
+        {
+            return Ok(None);
+        }
+        let Some(authority) = details.uri.authority() else {
+            return Err(ureq::Error::BadUri("no host".into()));
+        };
+        let addrs = details
+            .resolver
+            .resolve(proxy.uri(), details.config, details.timeout)?;
+        let to_proxy = ConnectionDetails {
+            uri: proxy.uri(),
+            addrs,
+            config: details.config,
+            request_level: details.request_level,
+            resolver: details.resolver,
+            now: details.now,
+            timeout: details.timeout,
+            current_time: details.current_time.clone(),
+            run_connector: details.run_connector.clone(),
+            register_shutdown: details.register_shutdown.clone(),
+        };
+        let tcp = TcpConnector::default()
+            .connect(&to_proxy, None::<()>)?
+            .ok_or(ureq::Error::ConnectionFailed)?;
+        // Without user info, as the request's Host header has it.
+        let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+        Ok(Some(Either::B(Forward {
+            inner: tcp.boxed(),
+            origin: format!("http://{host_port}").into_bytes(),
+        })))
+    }
+}
+
+/// A connection to an HTTP proxy for one origin's `http://` requests: each
+/// request line goes out as `METHOD http://host:port/path?query HTTP/1.1`.
+struct Forward {
+    inner: Box<dyn Transport>,
+    /// `http://host[:port]`, put before the origin-form target.
+    origin: Vec<u8>,
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("origin", &String::from_utf8_lossy(&self.origin))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the origin-form target starts in `out` if it begins with a request
+/// line (`METHOD /…`): the index of the `/`.
+fn origin_form_target(out: &[u8]) -> Option<usize> {
+    let method = out.iter().take(17).position(|&b| b == b' ')?;
+    let is_method = method > 0 && out[..method].iter().all(u8::is_ascii_uppercase);
+    (is_method && out.get(method + 1) == Some(&b'/')).then_some(method + 1)
+}
+
+impl Transport for Forward {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        self.inner.buffers()
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let out = &self.inner.buffers().output()[..amount];
+        let Some(at) = origin_form_target(out) else {
+            // Headers that did not fit with the line, or a request body.
+            return self.inner.transmit_output(amount, timeout);
+        };
+        let mut data = Vec::with_capacity(amount + self.origin.len());
+        data.extend_from_slice(&out[..at]);
+        data.extend_from_slice(&self.origin);
+        data.extend_from_slice(&out[at..]);
+        let mut sent = 0;
+        while sent < data.len() {
+            let out = self.inner.buffers().output();
+            let n = out.len().min(data.len() - sent);
+            out[..n].copy_from_slice(&data[sent..sent + n]);
+            self.inner.transmit_output(n, timeout)?;
+            sent += n;
+        }
+        Ok(())
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.inner.await_input(timeout)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.inner.is_open()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_lines_are_found_and_nothing_else() {
+        assert_eq!(origin_form_target(b"GET /v2/ HTTP/1.1\r\n"), Some(4));
+        assert_eq!(origin_form_target(b"HEAD /x?a=b HTTP/1.1\r\n"), Some(5));
+        assert_eq!(origin_form_target(b"POST /token HTTP/1.1\r\n"), Some(5));
+        for not in [
+            &b"grant_type=refresh_token&scope=x"[..],
+            b"Host: reg:5000\r\n",
+            b"GET http://h/ HTTP/1.1\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\n",
+            b" /x",
+            b"get /x",
+            b"",
+        ] {
+            assert_eq!(
+                origin_form_target(not),
+                None,
+                "{}",
+                String::from_utf8_lossy(not)
+            );
+        }
+    }
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap()

@@ -2,12 +2,14 @@
 //! retrying with backoff, following redirects by hand, classifying answers
 //! into [`BackendError`]s, and copying a range's body into the cache file.
 //!
-//! One keep-alive [`ureq::Agent`] (ureq 2, blocking) is shared by all
+//! One keep-alive [`ureq::Agent`] (ureq 3, blocking) is shared by all
 //! workers. The agent follows no redirects itself: [`Http::follow`] does, so
 //! that the Authorization header only ever goes to the registry's own origin
 //! (scheme, host and port) and never to the object store or CDN a blob is
 //! redirected to. Every URL put into an error or a log line has its query
-//! string removed, since a redirect's query is usually a signature.
+//! string removed, since a redirect's query is usually a signature. Any
+//! status comes back as a response to look at (`http_status_as_error` is
+//! off); only transport failures are errors.
 
 use super::RegistryOptions;
 use crate::backend::{BackendError, RedirectProblem};
@@ -16,6 +18,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector as _, RustlsConnector};
+use ureq::Agent;
 use url::Url;
 
 /// Redirect hops followed per request.
@@ -26,6 +31,8 @@ pub(super) const MAX_SMALL_BODY: u64 = 1 << 20;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Buffer for copying response bodies into the cache file.
 const COPY_BUF: usize = 256 << 10;
+/// The agent's input buffer per connection: what one socket read may fill.
+const INPUT_BUF: usize = 128 << 10;
 /// Cap of the exponential backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Time a retry needs to do something useful.
@@ -60,10 +67,41 @@ impl Failure {
     }
 }
 
+/// An HTTP answer: status, headers and a body still to be read.
+pub(super) type Response = ureq::http::Response<ureq::Body>;
+
+/// What the backend reads of a [`Response`]'s head.
+pub(super) trait Answer {
+    /// The status code.
+    fn code(&self) -> u16;
+    /// The first value of header `name`, if it is text.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// Every value of header `name` that is text.
+    fn all(&self, name: &str) -> Vec<&str>;
+}
+
+impl Answer for Response {
+    fn code(&self) -> u16 {
+        self.status().as_u16()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers().get(name)?.to_str().ok()
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    }
+}
+
 /// The answer at the end of a chain of redirects.
 pub(super) struct Reply {
     /// The response, of any status but 3xx.
-    pub resp: ureq::Response,
+    pub resp: Response,
     /// The URL that gave it.
     pub url: Url,
     /// Whether that URL is on the registry's origin (and so was sent the
@@ -87,25 +125,32 @@ pub(super) struct Http {
 impl Http {
     /// A client for `opts` (whose timeout must be positive).
     pub fn new(opts: &RegistryOptions) -> Http {
-        let mut builder = ureq::AgentBuilder::new();
-        if let Some(p) = &opts.proxy {
-            match ureq::Proxy::new(p) {
-                Ok(proxy) => builder = builder.proxy(proxy),
-                Err(e) => log::warn!("proxy {}: {e}; connecting directly", redact_str(p)),
-            }
-        }
-        if let Some(tls) = &opts.tls {
-            builder = builder.tls_config(tls.clone());
-        }
-        let agent = builder
+        let config = Agent::config_builder()
+            // Statuses are classified here, not turned into errors.
+            .http_status_as_error(false)
             // Redirects are followed by hand: see `follow`.
-            .redirects(0)
-            .timeout_connect(opts.timeout)
-            .timeout_read(opts.timeout)
-            .timeout_write(opts.timeout)
+            .max_redirects(0)
+            // Set either way: ureq's default would read the environment,
+            // where NO_PROXY is applied by `proxy::ProxyEnv` instead.
+            .proxy(opts.proxy.as_deref().and_then(http_proxy))
+            .timeout_connect(Some(opts.timeout))
+            .max_idle_connections(100)
             .max_idle_connections_per_host(64)
+            .input_buffer_size(INPUT_BUF)
             .user_agent(concat!("blobmgr/", env!("CARGO_PKG_VERSION")))
             .build();
+        // The TLS of hosts.toml `ca` and `skip_verify` (see `tls`), else
+        // ureq's own with the built-in roots.
+        let connect = super::proxy::connector();
+        let resolver = DefaultResolver::default();
+        let agent = match &opts.tls {
+            Some(tls) => Agent::with_parts(
+                config,
+                connect.chain(super::tls::TlsConnector::new(tls.clone())),
+                resolver,
+            ),
+            None => Agent::with_parts(config, connect.chain(RustlsConnector::default()), resolver),
+        };
         Http {
             agent,
             headers: opts.headers.clone(),
@@ -173,16 +218,24 @@ impl Http {
         url: &Url,
         headers: &[(&str, &str)],
         deadline: Instant,
-    ) -> Result<ureq::Response, Failure> {
-        let mut req = self
-            .agent
-            .request_url(method, url)
-            .timeout(time_left(deadline, url)?);
+    ) -> Result<Response, Failure> {
+        let left = time_left(deadline, url)?;
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(url.as_str());
         for (name, value) in headers {
-            req = req.set(name, value);
+            req = req.header(*name, *value);
         }
+        let req = req
+            .body(())
+            .map_err(|e| transport_failure(url, ureq::Error::Http(e)))?;
+        let req = self
+            .agent
+            .configure_request(req)
+            .timeout_global(Some(left))
+            .build();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        answer(method, url, req.call())
+        answer(method, url, self.agent.run(req))
     }
 
     /// POSTs `form` (`application/x-www-form-urlencoded`) to `url`, no
@@ -193,13 +246,15 @@ impl Http {
         url: &Url,
         form: &[(&str, &str)],
         deadline: Instant,
-    ) -> Result<ureq::Response, Failure> {
+    ) -> Result<Response, Failure> {
         let req = self
             .agent
-            .request_url("POST", url)
-            .timeout(time_left(deadline, url)?);
+            .post(url.as_str())
+            .config()
+            .timeout_global(Some(time_left(deadline, url)?))
+            .build();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        answer("POST", url, req.send_form(form))
+        answer("POST", url, req.send_form(form.iter().copied()))
     }
 
     /// Sends `method url` with `range`, following redirects; `auth` (an
@@ -230,7 +285,7 @@ impl Http {
                 headers.extend(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
             }
             let resp = self.call(method, &target, &headers, deadline)?;
-            if !matches!(resp.status(), 301 | 302 | 303 | 307 | 308) {
+            if !matches!(resp.code(), 301 | 302 | 303 | 307 | 308) {
                 return Ok(Reply {
                     resp,
                     url: target,
@@ -250,25 +305,41 @@ impl Http {
 fn answer(
     method: &str,
     url: &Url,
-    sent: Result<ureq::Response, ureq::Error>,
-) -> Result<ureq::Response, Failure> {
-    let resp = match sent {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(ureq::Error::Transport(t)) => return Err(transport_failure(url, t)),
-    };
-    log::debug!("{method} {}: {}", redact(url), resp.status());
+    sent: Result<Response, ureq::Error>,
+) -> Result<Response, Failure> {
+    let resp = sent.map_err(|e| transport_failure(url, e))?;
+    log::debug!("{method} {}: {}", redact(url), resp.code());
     Ok(resp)
 }
 
+/// The proxy for `url` (an HTTP or HTTPS proxy), or `None` with a warning.
+fn http_proxy(url: &str) -> Option<ureq::Proxy> {
+    use ureq::ProxyProtocol as P;
+    match ureq::Proxy::new(url) {
+        Ok(p) if matches!(p.protocol(), P::Http | P::Https) => Some(p),
+        Ok(_) => {
+            log::warn!(
+                "proxy {}: not an HTTP proxy; connecting directly",
+                redact_str(url)
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!("proxy {}: {e}; connecting directly", redact_str(url));
+            None
+        }
+    }
+}
+
 /// Where redirect `resp` (hop number `hops` from `from`) sends us.
-fn next_hop(resp: ureq::Response, from: &Url, hops: u32) -> Result<Url, Failure> {
+fn next_hop(resp: Response, from: &Url, hops: u32) -> Result<Url, Failure> {
     let redirect = |problem| {
         Failure::fatal(BackendError::Redirect {
             url: redact(from),
             problem,
         })
     };
-    let status = resp.status();
+    let status = resp.code();
     let Some(loc) = resp.header("Location").map(str::to_owned) else {
         drain(resp);
         return Err(redirect(RedirectProblem::NoLocation { status }));
@@ -297,7 +368,7 @@ fn redact_str(u: &str) -> String {
 /// The failure for a final answer that is neither 2xx nor handled by the
 /// caller; `range` is the one asked for, if any.
 pub(super) fn status_failure(reply: Reply, range: Option<(u64, u64)>) -> Failure {
-    let status = reply.resp.status();
+    let status = reply.resp.code();
     let url = redact(&reply.url);
     let after = reply
         .resp
@@ -329,14 +400,14 @@ pub(super) fn status_failure(reply: Reply, range: Option<(u64, u64)>) -> Failure
 /// Reads a range's body: discards the first `skip` bytes, then writes the
 /// next `len` to `dst` at `offset`. `ctx` names the request in errors.
 pub(super) fn copy_body(
-    resp: ureq::Response,
+    resp: Response,
     skip: u64,
     dst: &File,
     offset: u64,
     len: u64,
     ctx: &str,
 ) -> Result<(), Failure> {
-    let mut body = resp.into_reader();
+    let mut body = resp.into_body().into_reader();
     let skipped =
         io::copy(&mut (&mut body).take(skip), &mut io::sink()).map_err(|e| body_failure(ctx, e))?;
     if skipped < skip {
@@ -354,15 +425,19 @@ pub(super) fn copy_body(
     let mut buf = vec![0u8; len.min(COPY_BUF as u64) as usize];
     let mut done = 0u64;
     while done < len {
-        // Whole buffers per write: the HTTP client hands out a few KiB per
-        // read, and each write takes the cache file's inode lock.
+        // Whole buffers per write: the HTTP client hands out at most its
+        // input buffer per read, often less (what one socket read got), and
+        // each write takes the cache file's inode lock.
         let want = ((len - done) as usize).min(buf.len());
         let mut got = 0;
         while got < want {
             match body.read(&mut buf[got..want]) {
+                // The body ended where its framing says: short.
                 Ok(0) => return Err(short(done + got as u64)),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Ended before its framing says (ureq says so for a
+                // connection reset there too): short as well.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(short(done + got as u64))
                 }
@@ -374,13 +449,18 @@ pub(super) fn copy_body(
             .map_err(|e| Failure::fatal(BackendError::Io(format!("write cache at {at}"), e)))?;
         done += got as u64;
     }
+    // ureq gives the connection back to its pool only when a read finds
+    // the body's end; at the end that is at once, without I/O. (When the
+    // body goes on past what was needed, the connection is dropped.)
+    let _ = body.read(&mut [0u8; 1]);
     Ok(())
 }
 
 /// Reads a small body (a token response) whole, up to [`MAX_SMALL_BODY`].
-pub(super) fn read_small_body(resp: ureq::Response, ctx: &str) -> Result<Vec<u8>, Failure> {
+pub(super) fn read_small_body(resp: Response, ctx: &str) -> Result<Vec<u8>, Failure> {
     let mut body = Vec::new();
-    resp.into_reader()
+    resp.into_body()
+        .into_reader()
         .take(MAX_SMALL_BODY)
         .read_to_end(&mut body)
         .map_err(|e| body_failure(ctx, e))?;
@@ -389,9 +469,9 @@ pub(super) fn read_small_body(resp: ureq::Response, ctx: &str) -> Result<Vec<u8>
 
 /// Reads (a bounded amount of) a response we do not need so the connection
 /// can go back to the pool.
-pub(super) fn drain(resp: ureq::Response) {
+pub(super) fn drain(resp: Response) {
     let _ = io::copy(
-        &mut resp.into_reader().take(MAX_SMALL_BODY),
+        &mut resp.into_body().into_reader().take(MAX_SMALL_BODY),
         &mut io::sink(),
     );
 }
@@ -443,68 +523,80 @@ fn is_timeout(kind: io::ErrorKind) -> bool {
     matches!(kind, io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
-/// The innermost io::Error kind behind an error, if any.
-fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut found = None;
-    while let Some(err) = cur {
-        if let Some(ioe) = err.downcast_ref::<io::Error>() {
-            found = Some(ioe.kind());
-        }
-        cur = err.source();
+/// The I/O error behind a ureq error, if any (ureq's errors have no
+/// `source`; an I/O error may carry a ureq error in turn).
+fn io_error(e: &ureq::Error) -> Option<&io::Error> {
+    match e {
+        ureq::Error::Io(io) => Some(io),
+        _ => None,
     }
-    found
 }
 
-/// Whether a TLS certificate was refused somewhere behind `e` (rustls'
-/// error travels inside an io::Error, whose `source` skips it).
-fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let tls = err
-            .downcast_ref::<io::Error>()
-            .and_then(|e| e.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .or_else(|| err.downcast_ref::<rustls::Error>());
-        if matches!(tls, Some(rustls::Error::InvalidCertificate(_))) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+/// The ureq error inside an I/O error a body reader returned, if any.
+fn inner_ureq(e: &io::Error) -> Option<&ureq::Error> {
+    e.get_ref()?.downcast_ref::<ureq::Error>()
 }
 
-/// A ureq transport error as text without its URL (which may carry a
-/// signed query): kind, message and cause.
-fn transport_detail(t: &ureq::Transport) -> String {
-    let mut s = t.kind().to_string();
-    if let Some(m) = t.message() {
-        s = format!("{s}: {m}");
+/// Whether a ureq error is a timeout (its own deadline, or a socket's).
+fn ureq_timeout(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Timeout(_) => true,
+        e => io_error(e)
+            .is_some_and(|io| is_timeout(io.kind()) || inner_ureq(io).is_some_and(ureq_timeout)),
     }
-    if let Some(cause) = std::error::Error::source(t) {
-        s = format!("{s}: {cause}");
+}
+
+/// Whether a TLS certificate was refused: rustls' error, as ureq gives it
+/// or inside the I/O error of a handshake.
+fn certificate_refused(e: &ureq::Error) -> bool {
+    let tls = match e {
+        ureq::Error::Rustls(r) => Some(r),
+        e => io_error(e)
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+    };
+    matches!(tls, Some(rustls::Error::InvalidCertificate(_)))
+        || io_error(e)
+            .and_then(inner_ureq)
+            .is_some_and(certificate_refused)
+}
+
+/// A ureq error as text without a URL (which may carry a signed query).
+fn transport_detail(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        // Their texts may name the URL.
+        ureq::Error::BadUri(_) => "bad URL".to_owned(),
+        ureq::Error::RequireHttpsOnly(_) => "https only".to_owned(),
+        e => e.to_string(),
     }
-    s
 }
 
 /// Classifies a transport error of a request to `url`: timeouts and
 /// connection-level failures are retried, the rest (bad URL, TLS
 /// configuration, a server certificate we refuse, …) are not.
-fn transport_failure(url: &Url, t: ureq::Transport) -> Failure {
-    use ureq::ErrorKind as K;
-    let detail = transport_detail(&t);
-    if is_timeout(io_kind(&t).unwrap_or(io::ErrorKind::Other)) {
+fn transport_failure(url: &Url, e: ureq::Error) -> Failure {
+    use ureq::Error as E;
+    let detail = transport_detail(&e);
+    if ureq_timeout(&e) {
         return Failure::transient(BackendError::Timeout(format!("{}: {detail}", redact(url))));
     }
     let retry = matches!(
-        t.kind(),
-        K::Dns | K::ConnectionFailed | K::Io | K::BadStatus | K::BadHeader | K::ProxyConnect
-    ) && !certificate_refused(&t);
+        e,
+        E::Io(_)
+            | E::HostNotFound
+            | E::ConnectionFailed
+            | E::Protocol(_)
+            | E::LargeResponseHeader(..)
+            | E::ConnectProxyFailed(_)
+            | E::Rustls(_)
+            | E::BodyStalled
+    ) && !certificate_refused(&e);
     Failure {
         err: BackendError::Transport {
             url: redact(url),
             detail,
-            source: Box::new(t),
+            source: Box::new(e),
         },
         retry,
         after: None,
@@ -514,7 +606,7 @@ fn transport_failure(url: &Url, t: ureq::Transport) -> Failure {
 /// A failure while reading a body: a timeout, or a broken connection; both
 /// are worth another attempt.
 fn body_failure(ctx: &str, e: io::Error) -> Failure {
-    if is_timeout(e.kind()) {
+    if is_timeout(e.kind()) || inner_ureq(&e).is_some_and(ureq_timeout) {
         Failure::transient(BackendError::Timeout(format!("{ctx}: reading body: {e}")))
     } else {
         Failure::transient(BackendError::Io(format!("{ctx}: reading body"), e))

@@ -111,12 +111,32 @@ pub fn registry_available() -> bool {
         .unwrap_or(false)
 }
 
+/// A ureq agent for the harness's own requests, with `tls` if given: every
+/// status comes back as a response, redirects are not followed, and no
+/// proxy is taken from the environment.
+pub fn agent_with(tls: Option<ureq::tls::TlsConfig>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .proxy(None);
+    if let Some(tls) = tls {
+        config = config.tls_config(tls);
+    }
+    config.build().new_agent()
+}
+
 /// A ureq agent that does not follow redirects.
 pub fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
-        .redirects(0)
-        .build()
+    agent_with(None)
+}
+
+/// A response of a harness agent.
+pub type Response = ureq::http::Response<ureq::Body>;
+
+/// The first value of header `name` of `resp`, if it is text.
+pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+    resp.headers().get(name)?.to_str().ok()
 }
 
 /// `Authorization: Basic …` for `user:password`.
@@ -359,17 +379,30 @@ impl Registry {
         std::fs::write(d.join("config.yml"), cfg).expect("write config");
     }
 
-    /// A request to this registry, with its credentials if it wants some
-    /// (trusting its CA, over HTTPS).
-    pub fn request(&self, method: &str, url: &str) -> ureq::Request {
+    /// Sends a request to this registry with `headers` and `body` (none
+    /// for GET and HEAD), with its credentials if it wants some (trusting
+    /// its CA, over HTTPS). Any status is an answer.
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, ureq::Error> {
         let agent = match &self.mode.tls {
             Some(t) => agent_trusting(&t.ca),
             None => agent(),
         };
-        let r = agent.request(method, url);
-        match &self.mode.basic {
-            Some((u, p)) => r.set("Authorization", &basic_header(u, p)),
-            None => r,
+        let mut r = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        if let Some((u, p)) = &self.mode.basic {
+            r = r.header("Authorization", basic_header(u, p));
+        }
+        match body {
+            Some(b) => agent.run(r.body(b)?),
+            None => agent.run(r.body(())?),
         }
     }
 
@@ -396,7 +429,7 @@ impl Registry {
         let probe = format!("{}/v2/", self.base());
         let mut exited = None;
         let done = wait_until(REGISTRY_WAIT, || {
-            if let Ok(r) = self.request("GET", &probe).call() {
+            if let Ok(r) = self.send("GET", &probe, &[], None) {
                 if r.status() == 200 {
                     return true;
                 }
@@ -435,20 +468,23 @@ impl Registry {
     pub fn push(&self, repo: &str, data: &[u8]) -> String {
         assert!(!self.is_mirror(), "push to the origin, not to a mirror");
         let hex = digest_hex(data);
+        let url = format!("{}/v2/{repo}/blobs/uploads/", self.base());
         let resp = self
-            .request("POST", &format!("{}/v2/{repo}/blobs/uploads/", self.base()))
-            .send_bytes(&[])
+            .send("POST", &url, &[], Some(&[]))
             .expect("start upload");
         assert_eq!(resp.status(), 202);
-        let loc = resp.header("Location").expect("upload Location");
+        let loc = header(&resp, "Location").expect("upload Location");
         let loc = url::Url::parse(&self.base())
             .and_then(|b| b.join(loc))
             .expect("upload URL");
         let sep = if loc.query().is_some() { '&' } else { '?' };
         let resp = self
-            .request("PUT", &format!("{loc}{sep}digest=sha256:{hex}"))
-            .set("Content-Type", "application/octet-stream")
-            .send_bytes(data)
+            .send(
+                "PUT",
+                &format!("{loc}{sep}digest=sha256:{hex}"),
+                &[("Content-Type", "application/octet-stream")],
+                Some(data),
+            )
             .expect("finish upload");
         assert_eq!(resp.status(), 201);
         hex
@@ -464,25 +500,21 @@ impl Registry {
         range: Option<(u64, u64)>,
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
         let url = format!("{}/v2/{repo}/blobs/sha256:{hex}", self.base());
-        let mut r = self.request(method, &url);
-        if let Some((a, b)) = range {
-            r = r.set("Range", &format!("bytes={a}-{b}"));
-        }
-        let resp = match r.call() {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        let range = range.map(|(a, b)| format!("bytes={a}-{b}"));
+        let headers: Vec<(&str, &str)> = range.iter().map(|r| ("Range", r.as_str())).collect();
+        let resp = match self.send(method, &url, &headers, None) {
+            Ok(r) => r,
             Err(e) => panic!("{method} {url}: {e}"),
         };
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let headers = resp
-            .headers_names()
-            .into_iter()
-            .filter_map(|n| {
-                resp.header(&n)
-                    .map(|v| (n.to_ascii_lowercase(), v.to_string()))
-            })
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
         let mut body = Vec::new();
-        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).expect("read body");
+        std::io::Read::read_to_end(&mut resp.into_body().into_reader(), &mut body)
+            .expect("read body");
         (status, headers, body)
     }
 
@@ -563,8 +595,7 @@ impl Registry {
             self.port,
             MARK.fetch_add(1, Ordering::Relaxed)
         );
-        self.request("GET", &format!("{}/v2/?{mark}", self.base()))
-            .call()
+        self.send("GET", &format!("{}/v2/?{mark}", self.base()), &[], None)
             .expect("registry answers /v2/");
         let settled = || {
             let log = self.log();

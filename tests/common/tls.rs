@@ -7,8 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// A CA and a server certificate for 127.0.0.1, as PEM files.
 pub struct TestCa {
@@ -120,20 +118,13 @@ impl TestCa {
 /// A ureq agent like [`super::agent`] that trusts only the CA in `ca`.
 pub fn agent_trusting(ca: &Path) -> ureq::Agent {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("open CA file") {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
-        .redirects(0)
-        .tls_config(Arc::new(config))
-        .build()
+    let certs: Vec<ureq::tls::Certificate<'static>> = CertificateDer::pem_file_iter(ca)
+        .expect("open CA file")
+        .map(|c| ureq::tls::Certificate::from_der(c.expect("CA PEM").as_ref()).to_owned())
+        .collect();
+    assert!(!certs.is_empty(), "no certificate in {}", ca.display());
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build();
+    super::registry::agent_with(Some(tls))
 }

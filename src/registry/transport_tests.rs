@@ -208,6 +208,113 @@ fn a_server_that_never_answers_is_a_timeout() {
 }
 
 #[test]
+fn through_a_proxy_http_goes_in_absolute_form_with_its_query_and_https_by_connect() {
+    let (proxy, heads) = serve(
+        "127.0.0.1",
+        vec![answer("200 OK", ""), answer("502 Bad Gateway", "")],
+    );
+    let h = Http::new(&RegistryOptions {
+        proxy: Some(proxy.as_str().trim_end_matches('/').to_owned()),
+        ..RegistryOptions::default()
+    });
+    // Hosts that do not resolve: only the proxy is asked.
+    let realm = "http://realm.invalid:5001/token?service=reg&scope=repository%3Aa%3Apull";
+    let resp = h
+        .call("GET", &Url::parse(realm).unwrap(), &[], soon())
+        .expect("an answer from the proxy");
+    assert_eq!(resp.code(), 200);
+    let https = Url::parse("https://reg.invalid/v2/").unwrap();
+    let f = h.call("GET", &https, &[], soon()).err().unwrap();
+    assert!(matches!(f.err, BackendError::Transport { .. }), "{}", f.err);
+    let heads = heads.join().unwrap();
+    assert!(
+        heads[0].starts_with(&format!("GET {realm} HTTP/1.1\r\n")),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0]
+            .to_ascii_lowercase()
+            .contains("\r\nhost: realm.invalid:5001\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[1].starts_with("CONNECT reg.invalid:443 HTTP/1.1\r\n"),
+        "{}",
+        heads[1]
+    );
+}
+
+#[test]
+fn a_stalled_body_is_retried_and_one_that_ends_early_is_not() {
+    let copy = |answer: &'static [u8], hold: bool, timeout_ms: u64| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!("http://{}/b", l.local_addr().unwrap())).unwrap();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            s.write_all(answer).unwrap();
+            if hold {
+                // Open until the client gave up.
+                let _ = wait.recv();
+            }
+        });
+        let h = http(timeout_ms);
+        let resp = h
+            .call(
+                "GET",
+                &url,
+                &[],
+                Instant::now() + Duration::from_millis(timeout_ms),
+            )
+            .unwrap();
+        let dst = tempfile::tempfile().unwrap();
+        let r = copy_body(resp, 0, &dst, 0, 100, "GET b");
+        drop(done);
+        server.join().unwrap();
+        r.expect_err("a failure")
+    };
+    let short = |f: &Failure| {
+        !f.retry
+            && matches!(
+                f.err,
+                BackendError::ShortRead {
+                    expected: 100,
+                    got: 10
+                }
+            )
+    };
+    // A whole body of 10 bytes where 100 were asked for.
+    let f = copy(
+        b"HTTP/1.1 206 OK\r\nContent-Length: 10\r\n\r\n0123456789",
+        false,
+        5000,
+    );
+    assert!(short(&f), "{f:?}");
+    // Content-Length 100, 10 bytes, then the server closes: it ended early.
+    let f = copy(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        false,
+        5000,
+    );
+    assert!(short(&f), "{f:?}");
+    // The same, but the connection stays open: the request's deadline.
+    let f = copy(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        true,
+        300,
+    );
+    assert!(f.retry);
+    assert!(matches!(f.err, BackendError::Timeout(_)), "{}", f.err);
+}
+
+#[test]
 fn only_transient_failures_are_retried() {
     let h = http(1000);
     let mut n = 0;
@@ -253,25 +360,4 @@ fn urls_in_errors_lose_query_and_user_info() {
     assert!(!same_origin(&a, &Url::parse("https://reg/x").unwrap()));
     assert!(!same_origin(&a, &Url::parse("http://reg:81/x").unwrap()));
     assert!(!same_origin(&a, &Url::parse("http://other/x").unwrap()));
-}
-
-#[test]
-fn through_a_proxy_http_goes_in_absolute_form_with_its_query() {
-    let (proxy, heads) = serve("127.0.0.1", vec![answer("200 OK", "")]);
-    let h = Http::new(&RegistryOptions {
-        proxy: Some(proxy.as_str().trim_end_matches('/').to_owned()),
-        ..RegistryOptions::default()
-    });
-    // A host that does not resolve: only the proxy is asked.
-    let realm = "http://realm.invalid:5001/token?service=reg&scope=repository%3Aa%3Apull";
-    let resp = h
-        .call("GET", &Url::parse(realm).unwrap(), &[], soon())
-        .expect("an answer from the proxy");
-    assert_eq!(resp.code(), 200);
-    let heads = heads.join().unwrap();
-    assert!(
-        heads[0].starts_with(&format!("GET {realm} HTTP/1.1\r\n")),
-        "{}",
-        heads[0]
-    );
 }

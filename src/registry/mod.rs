@@ -16,7 +16,10 @@
 //!   until it expires);
 //! - `digest`: the canonical form of a blob id and the sha256 check;
 //! - `tls`: an endpoint's extra CA certificates and `skip_verify`, as the
-//!   rustls config of its agent.
+//!   rustls config of its agent;
+//! - `proxy`: the proxy variables, and `http://` URLs sent through an HTTP
+//!   proxy in absolute form;
+//! - `resolver`: host names looked up on the worker's own thread.
 //!
 //! See docs/BACKENDS.md.
 
@@ -25,6 +28,7 @@ mod digest;
 pub mod proxy;
 mod ranges;
 pub mod registries;
+mod resolver;
 pub mod tls;
 mod transport;
 

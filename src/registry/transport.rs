@@ -18,7 +18,6 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector as _, RustlsConnector};
 use ureq::Agent;
 use url::Url;
@@ -142,7 +141,8 @@ impl Http {
         // The TLS of hosts.toml `ca` and `skip_verify` (see `tls`), else
         // ureq's own with the built-in roots.
         let connect = super::proxy::connector();
-        let resolver = DefaultResolver::default();
+        // Names resolved on the worker, not in a thread per connection.
+        let resolver = super::resolver::BlockingResolver;
         let agent = match &opts.tls {
             Some(tls) => Agent::with_parts(
                 config,

@@ -436,12 +436,14 @@ pub(super) fn copy_body(
                 Ok(0) => return Err(short(done + got as u64)),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Ended before its framing says (ureq says so for a
-                // connection reset there too): short as well.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Err(short(done + got as u64))
+                // Anything else is the connection's, not the body's: a
+                // timeout, or the connection ending before the framing
+                // does (ureq 3 says UnexpectedEof for a reset there as
+                // for a close), worth another attempt either way.
+                Err(e) => {
+                    let at = format!("{ctx}: at byte {} of {len}", done + got as u64);
+                    return Err(body_failure(&at, e));
                 }
-                Err(e) => return Err(body_failure(ctx, e)),
             }
         }
         let at = offset + done;
@@ -603,8 +605,9 @@ fn transport_failure(url: &Url, e: ureq::Error) -> Failure {
     }
 }
 
-/// A failure while reading a body: a timeout, or a broken connection; both
-/// are worth another attempt.
+/// A failure while reading a body: a timeout, or a broken connection (reset,
+/// or closed before the body's framing ended: ureq 3 reports both as
+/// `UnexpectedEof`); both are worth another attempt.
 fn body_failure(ctx: &str, e: io::Error) -> Failure {
     if is_timeout(e.kind()) || inner_ureq(&e).is_some_and(ureq_timeout) {
         Failure::transient(BackendError::Timeout(format!("{ctx}: reading body: {e}")))

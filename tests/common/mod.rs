@@ -10,6 +10,7 @@
 //! - `registry.rs`: [`Registry`], a real OCI registry (`docker-registry`):
 //!   anonymous, basic auth, a pull-through mirror or HTTPS; push, access-log
 //!   counts, kill and restart.
+//! - `access.rs`: [`Access`], a line of that registry's access log, parsed.
 //! - `proxy.rs`: [`HttpProxy`], a forwarding HTTP proxy that counts per target.
 //! - `regfiles.rs`: [`CredHelper`] (a `docker-credential-*` script),
 //!   [`DockerConfig`] (config.json), [`HostsToml`] (containerd hosts.toml).
@@ -25,6 +26,7 @@
 //! Each test binary uses part of it, hence the allows.
 #![allow(dead_code, unused_imports)]
 
+mod access;
 mod daemon;
 mod http;
 mod inproc;
@@ -37,6 +39,7 @@ mod tls;
 mod tmpfs;
 mod wait;
 
+pub use access::Access;
 pub use daemon::{bin, Daemon, DAEMON_WAIT, REACH_VARS};
 pub use http::{serve_data, FakeHttp, Req, Resp};
 pub use inproc::InProc;
@@ -45,7 +48,7 @@ pub use raw::{header, pread, unread_by_peer, Blob, Raw, REPLY_TIMEOUT};
 pub use regfiles::{CredHelper, DockerConfig, HostsToml};
 pub use registry::{
     agent, basic_header, bcrypt_entry, digest_hex, free_port, hex, malformed_references,
-    registry_available, Access, Registry, REGISTRY_WAIT,
+    registry_available, Registry, REGISTRY_WAIT,
 };
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
 pub use tls::{agent_trusting, TestCa};

@@ -35,6 +35,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use ureq::unversioned::transport::time::{Duration, Instant};
 use ureq::unversioned::transport::{
     Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, Transport,
     TransportAdapter,
@@ -113,6 +114,25 @@ impl fmt::Debug for TlsConnector {
     }
 }
 
+/// The connection's timeout less the time connecting has taken so far
+/// (TCP, a proxy's CONNECT), as ureq's own TLS connector counts it: the
+/// handshake gets what is left of the request's deadline, not a fresh one.
+fn timeout_left(details: &ConnectionDetails) -> NextTimeout {
+    let mut left = details.timeout;
+    left.after = after_elapsed(left.after, details.now, (details.current_time)());
+    left
+}
+
+/// What is left of `after`, counted from `start`, at `now`.
+fn after_elapsed(after: Duration, start: Instant, now: Instant) -> Duration {
+    match (after, start, now) {
+        (Duration::Exact(limit), Instant::Exact(start), Instant::Exact(now)) => {
+            Duration::Exact(limit.saturating_sub(now.saturating_duration_since(start)))
+        }
+        _ => after,
+    }
+}
+
 impl<In: Transport> Connector<In> for TlsConnector {
     type Out = Either<In, TlsTransport>;
 
@@ -136,7 +156,7 @@ impl<In: Transport> Connector<In> for TlsConnector {
             .to_owned();
         let mut conn = ClientConnection::new(self.config.clone(), name)?;
         let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
-        sock.set_timeout(details.timeout);
+        sock.set_timeout(timeout_left(details));
         conn.complete_io(&mut sock)?;
         let buffers = LazyBuffers::new(
             details.config.input_buffer_size(),
@@ -307,6 +327,35 @@ aWd/TpcCIEg+q67XOkLiKj26VlJaOs+KK7voktIr2gT/Qym44Rml
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_handshake_gets_what_is_left_of_the_connection_timeout() {
+        use std::time::Duration as Std;
+        let start = std::time::Instant::now();
+        let later = start + Std::from_secs(20);
+        let left = after_elapsed(
+            Duration::Exact(Std::from_secs(30)),
+            Instant::Exact(start),
+            Instant::Exact(later),
+        );
+        assert_eq!(left, Duration::Exact(Std::from_secs(10)));
+        let over = after_elapsed(
+            Duration::Exact(Std::from_secs(5)),
+            Instant::Exact(start),
+            Instant::Exact(later),
+        );
+        assert_eq!(
+            over,
+            Duration::Exact(Std::ZERO),
+            "past it: no time, not a fresh one"
+        );
+        let none = after_elapsed(
+            Duration::NotHappening,
+            Instant::Exact(start),
+            Instant::Exact(later),
+        );
+        assert_eq!(none, Duration::NotHappening);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! [`connector`] puts [`ForwardConnector`] in front of its connectors for
 //! the `http://` case.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use std::fmt;
 use ureq::unversioned::transport::{
     Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, NextTimeout,
@@ -145,19 +147,31 @@ impl<In: Transport> Connector<In> for ForwardConnector {
             .ok_or(ureq::Error::ConnectionFailed)?;
         // Without user info, as the request's Host header has it.
         let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+        // The proxy's own login, as ureq sends it on a CONNECT.
+        let login = match (proxy.username(), proxy.password()) {
+            (None, None) => Vec::new(),
+            (user, pass) => {
+                let pair = format!("{}:{}", user.unwrap_or(""), pass.unwrap_or(""));
+                format!("Proxy-Authorization: Basic {}\r\n", STANDARD.encode(pair)).into_bytes()
+            }
+        };
         Ok(Some(Either::B(Forward {
             inner: tcp.boxed(),
             origin: format!("http://{host_port}").into_bytes(),
+            login,
         })))
     }
 }
 
 /// A connection to an HTTP proxy for one origin's `http://` requests: each
-/// request line goes out as `METHOD http://host:port/path?query HTTP/1.1`.
+/// request line goes out as `METHOD http://host:port/path?query HTTP/1.1`,
+/// followed by the proxy's login if it has one.
 struct Forward {
     inner: Box<dyn Transport>,
     /// `http://host[:port]`, put before the origin-form target.
     origin: Vec<u8>,
+    /// A `Proxy-Authorization` header line, or nothing. Never logged.
+    login: Vec<u8>,
 }
 
 impl fmt::Debug for Forward {
@@ -187,10 +201,20 @@ impl Transport for Forward {
             // Headers that did not fit with the line, or a request body.
             return self.inner.transmit_output(amount, timeout);
         };
-        let mut data = Vec::with_capacity(amount + self.origin.len());
+        let mut data = Vec::with_capacity(amount + self.origin.len() + self.login.len());
         data.extend_from_slice(&out[..at]);
         data.extend_from_slice(&self.origin);
-        data.extend_from_slice(&out[at..]);
+        // The login goes right after the request line (ureq writes the
+        // line and its headers into one buffer).
+        match out[at..].windows(2).position(|w| w == b"\r\n") {
+            Some(eol) => {
+                let eol = at + eol + 2;
+                data.extend_from_slice(&out[at..eol]);
+                data.extend_from_slice(&self.login);
+                data.extend_from_slice(&out[eol..]);
+            }
+            None => data.extend_from_slice(&out[at..]),
+        }
         let mut sent = 0;
         while sent < data.len() {
             let out = self.inner.buffers().output();

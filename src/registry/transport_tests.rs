@@ -213,8 +213,10 @@ fn through_a_proxy_http_goes_in_absolute_form_with_its_query_and_https_by_connec
         "127.0.0.1",
         vec![answer("200 OK", ""), answer("502 Bad Gateway", "")],
     );
+    // A proxy with a login: it goes with both kinds of request.
+    let with_login = proxy.as_str().replacen("http://", "http://user:pass@", 1);
     let h = Http::new(&RegistryOptions {
-        proxy: Some(proxy.as_str().trim_end_matches('/').to_owned()),
+        proxy: Some(with_login.trim_end_matches('/').to_owned()),
         ..RegistryOptions::default()
     });
     // Hosts that do not resolve: only the proxy is asked.
@@ -244,6 +246,13 @@ fn through_a_proxy_http_goes_in_absolute_form_with_its_query_and_https_by_connec
         "{}",
         heads[1]
     );
+    // base64("user:pass")
+    for head in &heads {
+        assert!(
+            head.contains("\r\nProxy-Authorization: Basic dXNlcjpwYXNz\r\n"),
+            "{head}"
+        );
+    }
 }
 
 #[test]

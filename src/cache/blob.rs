@@ -17,6 +17,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 const UNVERIFIED: u8 = 0;
 const VERIFYING: u8 = 1;
@@ -33,6 +34,10 @@ pub struct Blob {
     map: Mutex<File>,
     boot_id: [u8; 16],
     verify_state: AtomicU8,
+    /// Bytes per second of the last fill that succeeded (1 after one that
+    /// timed out; 0 before any): long ranges get larger jobs only when the
+    /// backend is known to deliver them well within its timeout.
+    fill_rate: AtomicU64,
     /// The sha256 so far, for backends that know the digest.
     checksum: Checksum,
 }
@@ -141,6 +146,7 @@ impl Blob {
             map: Mutex::new(map),
             boot_id,
             verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
+            fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
         };
         blob.check_if_complete(backend, backend_id);
@@ -212,6 +218,12 @@ impl Blob {
             .sum()
     }
 
+    /// Bytes per second of the last fill that succeeded; 1 after a fill
+    /// that timed out, 0 before any fill.
+    pub fn fill_rate(&self) -> u64 {
+        self.fill_rate.load(Ordering::Relaxed)
+    }
+
     /// Bytes of blob data that are ready (the last granule may be short).
     pub fn ready_bytes(&self) -> u64 {
         let n = self.ready_count();
@@ -254,9 +266,18 @@ impl Blob {
     ) -> Result<bool, BackendError> {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
+        let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
-            Ok(extent) => extent,
+            Ok(extent) => {
+                let secs = t.elapsed().as_secs_f64().max(1e-6);
+                let rate = ((end - start) as f64 / secs) as u64;
+                self.fill_rate.store(rate.max(1), Ordering::Relaxed);
+                extent
+            }
             Err(e) => {
+                if matches!(e, BackendError::Timeout(_)) {
+                    self.fill_rate.store(1, Ordering::Relaxed);
+                }
                 // A failed fill may have written part of what it got, and
                 // anywhere (a whole body starts at byte 0): the hash may
                 // no longer be of what the file holds.

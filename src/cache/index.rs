@@ -269,7 +269,7 @@ impl Index {
             Some(_) => true,
             None => false,
         };
-        let max_run = self.cfg.job_granules(end - start, g);
+        let max_run = self.cfg.job_granules(end - start, g, blob.fill_rate());
         let mut waiting_on: Vec<JobId> = Vec::new();
         let mut runs = Vec::new();
         for span in spans(ob, g0, g1, max_run) {
@@ -326,7 +326,9 @@ impl Index {
             return Vec::new();
         };
         let g = ob.blob.granule_size();
-        let max_run = self.cfg.job_granules(stream.window(), g);
+        let max_run = self
+            .cfg
+            .job_granules(stream.window(), g, ob.blob.fill_rate());
         let runs: Vec<(u64, u64)> = spans(ob, from / g, (to - 1) / g, max_run)
             .filter_map(|s| match s {
                 Span::Missing(g0, n) => Some((g0, n)),
@@ -523,9 +525,30 @@ mod tests {
             Plan::Wait { runs, .. } => runs,
             other => panic!("{other:?}"),
         };
-        assert_eq!(runs(index.plan(key, 0, 4 * 4096, || now)), [(0, 2), (2, 2)]);
+        // Before any fill the backend's speed is unknown: short jobs only.
+        let short = runs(index.plan(key, 0, 64 * 4096, || now));
+        assert!(short.iter().all(|&(_, n)| n == 2), "{short:?}");
+        // Once a fill has shown a fast backend, long ranges get long jobs.
+        let blob = index.blob(key).unwrap().clone();
+        let mut next = 0;
+        let first = runs(index.plan(key, 0, 4 * 4096, || now));
+        assert_eq!(first, [(0, 2), (2, 2)]);
+        for (job, g0, n) in start_runs(
+            &mut index,
+            key,
+            &Plan::Wait {
+                count: 0,
+                waiting_on: vec![],
+                runs: first,
+            },
+            &mut next,
+        ) {
+            blob.fill(&be, g0, n).unwrap();
+            index.fill_finished(key, &blob, g0, job, true);
+        }
+        assert!(blob.fill_rate() > 16 * 4096, "local files are fast");
         let long = runs(index.plan(key, 0, 64 * 4096, || now));
-        assert_eq!(long, [(0, 16), (16, 16), (32, 16), (48, 16)]);
+        assert_eq!(long, [(4, 16), (20, 16), (36, 16), (52, 12)]);
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub const LARGE_JOB: u64 = 16 << 20;
 /// A long range is split into at least this many fill jobs, so that the
 /// default four workers fill it in parallel.
 pub const JOBS_PER_RANGE: u64 = 4;
+/// A job larger than `max_job` is at most this many seconds of transfer at
+/// the blob's last fill rate: on a slow link jobs stay small, well inside
+/// the backend's per-request timeout (30 s for a registry).
+pub const LARGE_JOB_SECS: u64 = 4;
 /// Default largest readahead window (docs/CACHE.md, docs/PERFORMANCE.md).
 pub const DEFAULT_READAHEAD: u64 = 64 << 20;
 
@@ -77,10 +81,13 @@ impl CacheConfig {
     }
 
     /// Granules of `granule` bytes per fill job for a range of `len`
-    /// bytes: a quarter of the range ([`JOBS_PER_RANGE`]), at least
-    /// `max_job` and at most [`LARGE_JOB`] (or `max_job` if that is larger).
-    pub(crate) fn job_granules(&self, len: u64, granule: u64) -> u64 {
-        let job = (len / JOBS_PER_RANGE).clamp(self.max_job, LARGE_JOB.max(self.max_job));
+    /// bytes of a blob whose last fill ran at `rate` bytes per second (0:
+    /// none yet): a quarter of the range ([`JOBS_PER_RANGE`]), at least
+    /// `max_job`, and beyond that at most [`LARGE_JOB`] and
+    /// [`LARGE_JOB_SECS`] of transfer at `rate`.
+    pub(crate) fn job_granules(&self, len: u64, granule: u64, rate: u64) -> u64 {
+        let large = LARGE_JOB.min(rate.saturating_mul(LARGE_JOB_SECS));
+        let job = (len / JOBS_PER_RANGE).clamp(self.max_job, large.max(self.max_job));
         (job / granule.max(1)).max(1)
     }
 
@@ -222,27 +229,34 @@ pub(crate) mod tests {
         cfg.prepare().unwrap();
         (dir, Arc::new(cfg), LocalFs::new(be_dir), data)
     }
-}
-#[test]
-fn fill_jobs_grow_with_the_range_up_to_large_job() {
-    const MIB: u64 = 1 << 20;
-    let cfg = CacheConfig::new("/nonexistent");
-    // Short ranges: one 4 MiB job per 4 MiB; long ones: a quarter of
-    // the range, up to 16 MiB; a granule larger than that: one granule.
-    for (len, granules) in [
-        (MIB, 4),
-        (4 * MIB, 4),
-        (32 * MIB, 8),
-        (64 * MIB, 16),
-        (1 << 30, 16),
-        (u64::MAX, 16),
-    ] {
-        assert_eq!(cfg.job_granules(len, MIB), granules, "{len}");
+
+    #[test]
+    fn fill_jobs_grow_with_the_range_up_to_large_job() {
+        const MIB: u64 = 1 << 20;
+        let cfg = CacheConfig::new("/nonexistent");
+        let fast = 1 << 30;
+        // Short ranges: one 4 MiB job per 4 MiB; long ones: a quarter of
+        // the range, up to 16 MiB; a granule larger than that: one granule.
+        for (len, granules) in [
+            (MIB, 4),
+            (4 * MIB, 4),
+            (32 * MIB, 8),
+            (64 * MIB, 16),
+            (1 << 30, 16),
+            (u64::MAX, 16),
+        ] {
+            assert_eq!(cfg.job_granules(len, MIB, fast), granules, "{len}");
+        }
+        assert_eq!(cfg.job_granules(1 << 30, 64 * MIB, fast), 1);
+        // A blob not filled yet, or after a timeout: 4 MiB jobs. At 2 MiB/s,
+        // 8 MiB (four seconds' worth).
+        assert_eq!(cfg.job_granules(1 << 30, MIB, 0), 4);
+        assert_eq!(cfg.job_granules(1 << 30, MIB, 1), 4);
+        assert_eq!(cfg.job_granules(1 << 30, MIB, 2 * MIB), 8);
+        let big = CacheConfig {
+            max_job: 32 * MIB,
+            ..cfg
+        };
+        assert_eq!(big.job_granules(MIB, MIB, 0), 32);
     }
-    assert_eq!(cfg.job_granules(1 << 30, 64 * MIB), 1);
-    let big = CacheConfig {
-        max_job: 32 * MIB,
-        ..cfg
-    };
-    assert_eq!(big.job_granules(MIB, MIB), 32);
 }

@@ -629,6 +629,36 @@ mod tests {
         assert_eq!(b.ready_count(), 0);
     }
 
+    /// Never delivers: every fill times out.
+    struct TimesOut;
+
+    impl Backend for TimesOut {
+        fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+            Ok(4 * 4096)
+        }
+        fn read_into(&self, _: &str, _: u64, _: u64, _: &File) -> Result<(), BackendError> {
+            Err(BackendError::Timeout("GET".into()))
+        }
+        fn describe(&self) -> String {
+            "times-out".into()
+        }
+    }
+
+    #[test]
+    fn the_fill_rate_is_measured_and_a_timeout_makes_it_slow() {
+        let (_d, cfg, be, _) = setup(4 * 4096, 4096);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert_eq!(b.fill_rate(), 0, "unknown before any fill");
+        b.fill(&be, 0, 2).unwrap();
+        assert!(
+            b.fill_rate() > 8192,
+            "a local file is fast: {}",
+            b.fill_rate()
+        );
+        assert!(b.fill(&TimesOut, 2, 1).is_err());
+        assert_eq!(b.fill_rate(), 1);
+    }
+
     #[test]
     fn a_complete_blob_left_unchecked_is_checked_when_opened() {
         let (d, cfg, be, data) = setup(3 * 4096, 4096);

@@ -16,11 +16,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Instant;
 
 const UNVERIFIED: u8 = 0;
-const VERIFYING: u8 = 1;
 const VERIFIED: u8 = 2;
 
 /// One cached blob: its files and readiness bits.
@@ -34,6 +33,8 @@ pub struct Blob {
     map: Mutex<File>,
     boot_id: [u8; 16],
     verify_state: AtomicU8,
+    /// Held while the complete blob is checked: one check at a time.
+    checking: Mutex<()>,
     /// Bytes per second of the last fill that succeeded (1 after one that
     /// timed out; 0 before any): long ranges get larger jobs only when the
     /// backend is known to deliver them well within its timeout.
@@ -146,6 +147,7 @@ impl Blob {
             map: Mutex::new(map),
             boot_id,
             verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
+            checking: Mutex::new(()),
             fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
         };
@@ -345,11 +347,24 @@ impl Blob {
         let Some(expected) = expected else {
             return Ok(());
         };
-        if self
-            .verify_state
-            .compare_exchange(UNVERIFIED, VERIFYING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        let _one = match self.checking.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Another fill is checking the blob this one completed:
+                // its verdict is this fill's too, and the blob is not
+                // reported complete before it is known.
+                let _done = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+                if self.is_verified() {
+                    return Ok(());
+                }
+                return Err(BackendError::Integrity(format!(
+                    "{}: the blob failed its check in another fill",
+                    self.id
+                )));
+            }
+        };
+        if self.is_verified() {
             return Ok(());
         }
         let got = match self.checksum.finish(&self.data, self.size) {
@@ -627,6 +642,39 @@ mod tests {
         assert!(matches!(e, BackendError::Integrity(_)), "{e}");
         assert!(!b.is_verified());
         assert_eq!(b.ready_count(), 0);
+    }
+
+    #[test]
+    fn two_last_fills_at_once_never_report_a_blob_that_fails_its_check() {
+        // The last two granules filled at once, the digest wrong: whichever
+        // fill checks the blob, neither may report it complete.
+        // Granule 0 comes last, so the check hashes all 8 MiB: a window
+        // wide enough for the two fills to meet in it.
+        for _ in 0..10 {
+            let (_d, cfg, be, _) = setup(2048 * 4096, 4096);
+            let wrong = Arc::new(digested(be, b"other"));
+            let b = Arc::new(Blob::open(&cfg, &*wrong, "b").unwrap());
+            assert!(!b.fill(&*wrong, 1, 2046).unwrap());
+            let go = Arc::new(std::sync::Barrier::new(2));
+            let fills: Vec<_> = [0, 2047]
+                .into_iter()
+                .map(|g| {
+                    let (b, wrong, go) = (b.clone(), wrong.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        b.fill(&*wrong, g, 1)
+                    })
+                })
+                .collect();
+            for f in fills {
+                let r = f.join().unwrap();
+                assert!(!matches!(r, Ok(true)), "reported complete: {r:?}");
+            }
+            // Discarded (a fill that lost the race may mark its granule
+            // after that: then the blob is refilled, not complete).
+            assert!(!b.is_verified());
+            assert!(b.ready_count() < 2048);
+        }
     }
 
     /// Never delivers: every fill times out.

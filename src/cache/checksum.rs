@@ -42,6 +42,16 @@ struct Progress {
     at: u64,
 }
 
+impl Progress {
+    /// A hash of nothing yet, from the first byte.
+    fn new() -> Progress {
+        Progress {
+            state: Some(Sha256::new()),
+            at: 0,
+        }
+    }
+}
+
 /// The running sha256 of one blob. See the module docs.
 pub struct Checksum {
     progress: Mutex<Progress>,
@@ -52,10 +62,7 @@ pub struct Checksum {
 impl Default for Checksum {
     fn default() -> Self {
         Checksum {
-            progress: Mutex::new(Progress {
-                state: Some(Sha256::new()),
-                at: 0,
-            }),
+            progress: Mutex::new(Progress::new()),
             pending: AtomicBool::new(false),
         }
     }
@@ -110,10 +117,7 @@ impl Checksum {
     pub fn finish(&self, data: &File, size: u64) -> io::Result<[u8; 32]> {
         let mut p = lock(&self.progress);
         if p.state.is_none() {
-            *p = Progress {
-                state: Some(Sha256::new()),
-                at: 0,
-            };
+            *p = Progress::new();
         }
         hash_to(&mut p, data, size)?;
         let state = p.state.take().unwrap_or_default();
@@ -126,18 +130,13 @@ impl Checksum {
     pub fn rewritten_from(&self, offset: u64) {
         let mut p = lock(&self.progress);
         if offset < p.at {
-            *p = Progress {
-                state: Some(Sha256::new()),
-                at: 0,
-            };
+            *p = Progress::new();
         }
     }
 
     /// Starts over from the first byte (the blob's bytes were discarded).
     pub fn reset(&self) {
-        let mut p = lock(&self.progress);
-        p.state = Some(Sha256::new());
-        p.at = 0;
+        *lock(&self.progress) = Progress::new();
     }
 
     /// Bytes hashed so far.

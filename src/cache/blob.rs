@@ -15,12 +15,9 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Instant;
-
-const UNVERIFIED: u8 = 0;
-const VERIFIED: u8 = 2;
 
 /// One cached blob: its files and readiness bits.
 pub struct Blob {
@@ -32,7 +29,8 @@ pub struct Blob {
     ready: Box<[AtomicU64]>,
     map: Mutex<File>,
     boot_id: [u8; 16],
-    verify_state: AtomicU8,
+    /// Whether the complete blob passed its backend's check.
+    verified: AtomicBool,
     /// Held while the complete blob is checked: one check at a time.
     checking: Mutex<()>,
     /// Bytes per second of the last fill that succeeded (1 after one that
@@ -146,7 +144,7 @@ impl Blob {
             ready,
             map: Mutex::new(map),
             boot_id,
-            verify_state: AtomicU8::new(if verified { VERIFIED } else { UNVERIFIED }),
+            verified: AtomicBool::new(verified),
             checking: Mutex::new(()),
             fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
@@ -268,6 +266,7 @@ impl Blob {
     ) -> Result<bool, BackendError> {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
+        let expected = backend.expected_sha256(backend_id);
         let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
             Ok(extent) => {
@@ -283,7 +282,9 @@ impl Blob {
                 // A failed fill may have written part of what it got, and
                 // anywhere (a whole body starts at byte 0): the hash may
                 // no longer be of what the file holds.
-                self.checksum.rewritten_from(0);
+                if expected.is_some() {
+                    self.checksum.rewritten_from(0);
+                }
                 return Err(e);
             }
         };
@@ -296,7 +297,6 @@ impl Blob {
             w1.max(end) / self.granule
         };
         let newly = (first..last).filter(|&g| !self.is_ready(g)).count() as u64;
-        let expected = backend.expected_sha256(backend_id);
         if expected.is_some() {
             // Bytes the hash may already cover were written again.
             self.checksum.rewritten_from(w0.min(start));
@@ -393,7 +393,7 @@ impl Blob {
             backend.integrity_failed(backend_id);
             return Err(e);
         }
-        self.verify_state.store(VERIFIED, Ordering::Release);
+        self.verified.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -410,7 +410,7 @@ impl Blob {
             .set_len(0)
             .and_then(|_| self.data.set_len(self.size));
         self.checksum.reset();
-        self.verify_state.store(UNVERIFIED, Ordering::Release);
+        self.verified.store(false, Ordering::Release);
         if let Err(e) = self.persist(false) {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
@@ -418,7 +418,7 @@ impl Blob {
 
     /// Whether the complete blob passed the backend's integrity check.
     pub fn is_verified(&self) -> bool {
-        self.verify_state.load(Ordering::Acquire) == VERIFIED
+        self.verified.load(Ordering::Acquire)
     }
 
     /// Makes everything marked ready durable: data first, then the map,

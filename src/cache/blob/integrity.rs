@@ -1,0 +1,329 @@
+//! The integrity check of a complete blob: its bytes against the sha256
+//! its backend names (a registry digest), computed while it fills
+//! (`cache/checksum.rs`) and finished when the last granule lands. A blob
+//! that fails is discarded whole, so it is fetched again; see
+//! docs/CACHE.md, "Order of writes".
+
+use super::Blob;
+use crate::backend::{Backend, BackendError};
+use std::sync::atomic::Ordering;
+use std::sync::TryLockError;
+
+impl Blob {
+    /// A previous run left the blob complete but not checked (it stopped
+    /// between the last fill and the check's record): checks it now, on the
+    /// opening worker. A mismatch discards it, so it is fetched again.
+    pub(super) fn check_if_complete(&self, backend: &dyn Backend, backend_id: &str) {
+        if self.is_verified() || self.granules() == 0 || self.ready_count() < self.granules() {
+            return;
+        }
+        let expected = backend.expected_sha256(backend_id);
+        if expected.is_some() && self.verify(backend, backend_id, expected).is_ok() {
+            log::info!(
+                "blob {}: complete from a previous run; digest checked",
+                self.id
+            );
+        }
+    }
+
+    /// Hashes on through the granules ready from the front (a failure is
+    /// only logged: the check at completion hashes what is left, and fails
+    /// there if the file cannot be read).
+    pub(super) fn hash_ready_prefix(&self) {
+        let ready = |g| self.is_ready(g);
+        if let Err(e) = self
+            .checksum
+            .advance(&self.data, self.size, self.granule, ready)
+        {
+            log::warn!("blob {}: hashing the cache file: {e}", self.id);
+        }
+    }
+
+    /// Checks the complete blob against the sha256 its backend expects,
+    /// once; a mismatch throws the cache away.
+    pub(super) fn verify(
+        &self,
+        backend: &dyn Backend,
+        backend_id: &str,
+        expected: Option<[u8; 32]>,
+    ) -> Result<(), BackendError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        let _one = match self.checking.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Another fill is checking the blob this one completed:
+                // its verdict is this fill's too, and the blob is not
+                // reported complete before it is known.
+                let _done = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+                if self.is_verified() {
+                    return Ok(());
+                }
+                return Err(BackendError::Integrity(format!(
+                    "{}: the blob failed its check in another fill",
+                    self.id
+                )));
+            }
+        };
+        if self.is_verified() {
+            return Ok(());
+        }
+        let got = match self.checksum.finish(&self.data, self.size) {
+            Ok(got) => got,
+            Err(e) => {
+                log::error!(
+                    "blob {}: hashing the cache file: {e}; discarding its cache",
+                    self.id
+                );
+                self.discard();
+                return Err(BackendError::Io(
+                    format!("hash the cache file of {}", self.id),
+                    e,
+                ));
+            }
+        };
+        if got != expected {
+            let e = BackendError::Integrity(format!(
+                "{}: the {} bytes received hash to sha256:{}",
+                self.id,
+                self.size,
+                hex::encode(got)
+            ));
+            log::error!("blob {}: {e}; discarding its cache", self.id);
+            self.discard();
+            backend.integrity_failed(backend_id);
+            return Err(e);
+        }
+        self.verified.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Forgets every ready granule and the bytes behind them.
+    pub(super) fn discard(&self) {
+        for w in self.ready.iter() {
+            w.store(0, Ordering::Release);
+        }
+        // Punch the bad bytes out before the hash starts over, so it never
+        // covers them; a failure here is harmless since nothing is marked
+        // ready any more.
+        let _ = self
+            .data
+            .set_len(0)
+            .and_then(|_| self.data.set_len(self.size));
+        self.checksum.reset();
+        self.verified.store(false, Ordering::Release);
+        if let Err(e) = self.persist(false) {
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+    }
+
+    /// Whether the complete blob passed the backend's integrity check.
+    pub fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::tests::setup;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    /// A local backend that also names the sha256 its blobs must hash to.
+    struct Digested(crate::backend::LocalFs, [u8; 32]);
+
+    impl Backend for Digested {
+        fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+            self.0.blob_size(id)
+        }
+        fn read_into(&self, id: &str, off: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+            self.0.read_into(id, off, len, dst)
+        }
+        fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+            Some(self.1)
+        }
+        fn describe(&self) -> String {
+            "digested".into()
+        }
+    }
+
+    fn digested(be: crate::backend::LocalFs, data: &[u8]) -> Digested {
+        use sha2::Digest;
+        Digested(be, sha2::Sha256::digest(data).into())
+    }
+
+    #[test]
+    fn in_order_fills_are_hashed_as_they_land_and_checked_at_the_end() {
+        let (_d, cfg, be, data) = setup(8 * 4096 + 10, 4096);
+        let be = digested(be, &data);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        for g in 0..8 {
+            assert!(!b.fill(&be, g, 1).unwrap());
+            assert_eq!(b.checksum.hashed(), (g + 1) * 4096, "hashed as filled");
+        }
+        assert!(b.fill(&be, 8, 1).unwrap());
+        assert!(b.is_verified());
+    }
+
+    #[test]
+    fn out_of_order_fills_are_checked_and_a_bad_byte_discards_the_blob() {
+        let (d, cfg, be, data) = setup(6 * 4096, 4096);
+        let be = digested(be, &data);
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        for g in [5, 3, 1, 4, 2] {
+            assert!(!b.fill(&be, g, 1).unwrap());
+        }
+        assert_eq!(b.checksum.hashed(), 0, "nothing from the front yet");
+        assert!(b.fill(&be, 0, 1).unwrap());
+        assert!(b.is_verified());
+        // The same blob with one byte changed at the backend.
+        let mut bad = data.clone();
+        bad[3 * 4096 + 7] ^= 1;
+        std::fs::write(d.path().join("be/b"), &bad).unwrap();
+        crate::cache::remove_blob_files(&cfg, "b").unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(!b.fill(&be, 0, 4).unwrap());
+        assert!(b.checksum.hashed() > 0);
+        let e = b.fill(&be, 4, 2).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0, "every granule discarded");
+        assert!(!b.is_verified());
+        // Right bytes again: the refill passes, hashed from the start.
+        std::fs::write(d.path().join("be/b"), &data).unwrap();
+        assert!(b.fill(&be, 0, 6).unwrap());
+        assert!(b.is_verified());
+    }
+
+    /// Sends the whole blob for any range (a server that ignores Range),
+    /// with granule 0 tampered with; with `.2`, the connection then breaks
+    /// before the end.
+    struct WholeTampered(Vec<u8>, [u8; 32], bool);
+
+    impl Backend for WholeTampered {
+        fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+            Ok(self.0.len() as u64)
+        }
+        fn read_into(&self, _: &str, _: u64, _: u64, _: &File) -> Result<(), BackendError> {
+            unreachable!("read_into_extent is used")
+        }
+        fn read_into_extent(
+            &self,
+            _id: &str,
+            _offset: u64,
+            _len: u64,
+            dst: &File,
+        ) -> Result<(u64, u64), BackendError> {
+            let mut bad = self.0.clone();
+            bad[100] ^= 0xff;
+            if self.2 {
+                dst.write_all_at(&bad[..4096], 0).unwrap();
+                let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+                return Err(BackendError::Io("body".into(), reset));
+            }
+            dst.write_all_at(&bad, 0).unwrap();
+            Ok((0, bad.len() as u64))
+        }
+        fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+            Some(self.1)
+        }
+        fn describe(&self) -> String {
+            "whole-tampered".into()
+        }
+    }
+
+    /// A blob of four 4 KiB granules under its right digest, the first two
+    /// filled honestly and hashed.
+    fn two_of_four_hashed() -> (tempfile::TempDir, Blob, Digested, Vec<u8>) {
+        let (d, cfg, be, data) = setup(4 * 4096, 4096);
+        let honest = digested(be, &data);
+        let b = Blob::open(&cfg, &honest, "b").unwrap();
+        assert!(!b.fill(&honest, 0, 2).unwrap());
+        assert_eq!(b.checksum.hashed(), 8192);
+        (d, b, honest, data)
+    }
+
+    #[test]
+    fn hashed_bytes_written_again_are_hashed_again() {
+        // Granules 0 and 1 arrive honestly and are hashed; then a whole
+        // body rewrites granule 0 with other bytes: the check must see it.
+        let (_d, b, honest, data) = two_of_four_hashed();
+        let whole = WholeTampered(data.clone(), honest.1, false);
+        let e = b.fill(&whole, 2, 1).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    #[test]
+    fn hashed_bytes_written_again_by_a_failed_fill_are_hashed_again() {
+        // As above, but the whole body breaks off after rewriting granule
+        // 0: the fill fails, and the honest fills that complete the blob
+        // must not pass the check on the hash of the old bytes.
+        let (_d, b, honest, data) = two_of_four_hashed();
+        let broken = WholeTampered(data.clone(), honest.1, true);
+        assert!(matches!(b.fill(&broken, 2, 1), Err(BackendError::Io(..))));
+        let e = b.fill(&honest, 2, 2).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert!(!b.is_verified());
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    #[test]
+    fn two_last_fills_at_once_never_report_a_blob_that_fails_its_check() {
+        // The last two granules filled at once, the digest wrong: whichever
+        // fill checks the blob, neither may report it complete.
+        // Granule 0 comes last, so the check hashes all 8 MiB: a window
+        // wide enough for the two fills to meet in it.
+        for _ in 0..10 {
+            let (_d, cfg, be, _) = setup(2048 * 4096, 4096);
+            let wrong = Arc::new(digested(be, b"other"));
+            let b = Arc::new(Blob::open(&cfg, &*wrong, "b").unwrap());
+            assert!(!b.fill(&*wrong, 1, 2046).unwrap());
+            let go = Arc::new(std::sync::Barrier::new(2));
+            let fills: Vec<_> = [0, 2047]
+                .into_iter()
+                .map(|g| {
+                    let (b, wrong, go) = (b.clone(), wrong.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        b.fill(&*wrong, g, 1)
+                    })
+                })
+                .collect();
+            for f in fills {
+                let r = f.join().unwrap();
+                assert!(!matches!(r, Ok(true)), "reported complete: {r:?}");
+            }
+            // Discarded (a fill that lost the race may mark its granule
+            // after that: then the blob is refilled, not complete).
+            assert!(!b.is_verified());
+            assert!(b.ready_count() < 2048);
+        }
+    }
+
+    #[test]
+    fn a_complete_blob_left_unchecked_is_checked_when_opened() {
+        let (d, cfg, be, data) = setup(3 * 4096, 4096);
+        // Filled by a backend that checks nothing: complete, not verified.
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(b.fill(&be, 0, 3).unwrap());
+        assert!(!b.is_verified());
+        drop(b);
+        // Opened for a backend that names a digest the bytes match.
+        let good = digested(crate::backend::LocalFs::new(d.path().join("be")), &data);
+        let b = Blob::open(&cfg, &good, "b").unwrap();
+        assert!(b.is_verified() && b.ready_count() == 3);
+        drop(b);
+        // A digest they do not match: discarded at open.
+        std::fs::remove_file(cfg.map_dir().join("b")).unwrap();
+        let b = Blob::open(&cfg, &be, "b").unwrap();
+        assert!(b.fill(&be, 0, 3).unwrap());
+        drop(b);
+        let bad = digested(crate::backend::LocalFs::new(d.path().join("be")), b"other");
+        let b = Blob::open(&cfg, &bad, "b").unwrap();
+        assert_eq!(b.ready_count(), 0);
+    }
+}

@@ -9,7 +9,7 @@
 //! `http://` ones are sent to the proxy as they are, in absolute form
 //! (`GET http://host:port/path?query HTTP/1.1`), so that the proxy sees and
 //! may cache or redistribute each request. ureq 3 itself tunnels both;
-//! [`connector`] puts [`ForwardConnector`] in front of its connectors for
+//! `connector` puts `ForwardConnector` in front of its connectors for
 //! the `http://` case.
 
 use base64::engine::general_purpose::STANDARD;

@@ -20,7 +20,7 @@
 //! (`RootCerts::Specific`, which also drops certificates it cannot parse
 //! without a word), and its `disable_verification` turns off every check for
 //! every host, handshake signatures included. So the agent of an endpoint
-//! with its own config ends in a [`TlsConnector`] with this module's
+//! with its own config ends in a `TlsConnector` with this module's
 //! [`ClientConfig`] instead of ureq's rustls connector, and makes its TLS
 //! connections as that one does.
 

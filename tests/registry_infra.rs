@@ -180,12 +180,18 @@ fn proxy_mode_mirror_answers_a_cold_range_get_with_the_whole_blob() {
 
     // Once stored, ranges are served as asked.
     assert!(
-        wait_until(Duration::from_secs(20), || mirror.has_stored(&hex)),
+        wait_until(Duration::from_secs(20), || mirror
+            .has_stored("lib/app", &hex)),
         "the mirror never stored the blob: {}",
         mirror.log()
     );
     let (st, _, body) = mirror.get_blob("GET", "lib/app", &hex, Some((100, 199)));
-    assert_eq!((st, body.as_slice()), (206, &data[100..200]));
+    assert_eq!(
+        (st, body.as_slice()),
+        (206, &data[100..200]),
+        "{}",
+        mirror.log()
+    );
     assert_eq!(mirror.blob_get_bytes(&hex), data.len() as u64 + 100);
     let origin_gets = origin.blob_gets_any(&hex);
 

@@ -27,9 +27,13 @@
 //!   the client and once, in the background, to store it. Until that store
 //!   has finished, further GETs are cold too (each again 200 with the whole
 //!   blob, streamed from the origin once more: one more origin GET each).
-//! - Once stored (`storage/docker/registry/v2/blobs/sha256/<hh>/<hex>/data`
-//!   exists, see [`Registry::has_stored`]) a Range GET answers 206 with just
-//!   the range.
+//! - Once stored (see [`Registry::has_stored`]) a Range GET answers 206
+//!   with just the range. Storing ends with two steps: the data file is
+//!   renamed into `blobs/sha256/<hh>/<hex>/data`, then the repository's
+//!   `_layers/sha256/<hex>/link` is written in place (created empty, then
+//!   filled). A GET that finds that link empty answers 500 ("unknown
+//!   error": the digest in it does not parse), so a test waits for the
+//!   link to hold the digest, not for the data file.
 //! - A HEAD of a cold blob answers 200 with the size, but is served like a
 //!   GET: the mirror pulls the blob from the origin (and starts storing it),
 //!   and the access log counts the whole size as written although no body
@@ -457,16 +461,23 @@ impl Registry {
         (status, headers, body)
     }
 
-    /// Whether the registry's storage holds the blob (a mirror has finished
-    /// storing what it pulled).
-    pub fn has_stored(&self, hex: &str) -> bool {
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
+    /// Whether the registry's storage holds the blob for `repo` (a mirror
+    /// has finished storing what it pulled): its data file is in place and
+    /// the repository's link to it holds the digest, written last.
+    pub fn has_stored(&self, repo: &str, hex: &str) -> bool {
+        let v2 = self.dir.path().join("storage/docker/registry/v2");
+        let data = v2
+            .join("blobs/sha256")
             .join(&hex[..2])
             .join(hex)
-            .join("data")
-            .is_file()
+            .join("data");
+        let link = v2
+            .join("repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link");
+        data.is_file() && std::fs::read(link).is_ok_and(|l| l == format!("sha256:{hex}").as_bytes())
     }
 
     /// Every access-log line so far, once the log has caught up (see

@@ -360,9 +360,19 @@ fn next_hop(resp: Response, from: &Url, hops: u32) -> Result<Url, Failure> {
     }
 }
 
-/// A proxy URL for logs: without user info.
+/// A proxy URL for logs: without user info, query or fragment. Done on the
+/// text, not through [`Url`]: a proxy given without a scheme
+/// (`user:pa/ss@proxy:3128`) parses as scheme `user` with the password in
+/// its path. Everything up to the last `@` goes, so a `@` later in the URL
+/// hides more than needed, never less.
 fn redact_str(u: &str) -> String {
-    Url::parse(u).map_or_else(|_| "(unparsable)".to_owned(), |u| redact(&u))
+    let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    match scheme {
+        "" => rest.to_owned(),
+        s => format!("{s}://{rest}"),
+    }
 }
 
 /// The failure for a final answer that is neither 2xx nor handled by the

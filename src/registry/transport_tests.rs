@@ -431,3 +431,21 @@ fn urls_in_errors_lose_query_and_user_info() {
     assert!(!same_origin(&a, &Url::parse("http://reg:81/x").unwrap()));
     assert!(!same_origin(&a, &Url::parse("http://other/x").unwrap()));
 }
+
+#[test]
+fn proxy_urls_in_logs_never_show_a_password() {
+    for (given, shown) in [
+        ("http://alice:s3cret@proxy:3128", "http://proxy:3128"),
+        ("alice:pa/s3cret@proxy:3128", "proxy:3128"),
+        (
+            "socks5://alice:a@b@proxy:1080/x?token=s3cret",
+            "socks5://proxy:1080/x",
+        ),
+        ("proxy:3128", "proxy:3128"),
+        ("https://proxy.example/#s3cret", "https://proxy.example/"),
+    ] {
+        let r = redact_str(given);
+        assert_eq!(r, shown, "{given}");
+        assert!(!r.contains("s3cret") && !r.contains("alice"), "{r}");
+    }
+}

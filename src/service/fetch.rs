@@ -240,7 +240,8 @@ impl Service {
         else {
             return;
         };
-        let outcome_missing = outcome.is_none();
+        // A readahead fill cancelled at a drain is no failure of the backend.
+        let cancelled = ahead && outcome.is_none() && waiters.is_empty();
         let complete = match outcome {
             Some(JobOutput::Filled(Ok(complete))) => Some(complete),
             Some(JobOutput::Filled(Err(e))) => {
@@ -277,8 +278,6 @@ impl Service {
             // Panicked, cancelled or dropped (already logged).
             _ => None,
         };
-        // A readahead fill cancelled at a drain is no failure of the backend.
-        let cancelled = ahead && outcome_missing && waiters.is_empty();
         if complete.is_none() && !late && !cancelled {
             self.metrics.work.fills_failed.bump();
         }

@@ -2,7 +2,7 @@
 
 use super::*;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::thread::JoinHandle;
 
 /// A loopback server on `ip` that takes exactly `answers.len()`
@@ -14,16 +14,23 @@ fn serve(ip: &str, answers: Vec<String>) -> (Url, JoinHandle<Vec<String>>) {
     let h = std::thread::spawn(move || {
         let mut heads = Vec::new();
         for a in answers {
-            let (mut s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut head = String::new();
-            while r.read_line(&mut head).unwrap() > 2 {}
+            let (mut s, _, head) = accept_request(&l);
             s.write_all(a.as_bytes()).unwrap();
             heads.push(head);
         }
         heads
     });
     (base, h)
+}
+
+/// Accepts one connection on `l` and reads its request head: the stream
+/// to answer on, a reader of what the client sends next, and the head.
+fn accept_request(l: &TcpListener) -> (TcpStream, BufReader<TcpStream>, String) {
+    let (s, _) = l.accept().unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    while r.read_line(&mut head).unwrap() > 2 {}
+    (s, r, head)
 }
 
 fn answer(status: &str, headers: &str) -> String {
@@ -262,12 +269,7 @@ fn a_short_body_is_not_retried_and_a_cut_or_stalled_one_is() {
         let url = Url::parse(&format!("http://{}/b", l.local_addr().unwrap())).unwrap();
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap() > 2 {
-                line.clear();
-            }
+            let (mut s, _, _) = accept_request(&l);
             s.write_all(answer).unwrap();
             if hold {
                 // Open until the client gave up.
@@ -335,12 +337,7 @@ fn a_connection_reset_or_closed_mid_body_is_retried_and_the_fill_completes() {
         let (headed, head_read) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             for attempt in 0..2 {
-                let (mut s, _) = l.accept().unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                while r.read_line(&mut line).unwrap() > 2 {
-                    line.clear();
-                }
+                let (mut s, mut r, mut line) = accept_request(&l);
                 s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
                     .unwrap();
                 if attempt == 1 {

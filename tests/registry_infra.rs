@@ -145,8 +145,7 @@ fn basic_auth_registry_wants_its_credentials() {
             r = r.header("Authorization", &a);
         }
         let r = r.call().unwrap_or_else(|e| panic!("{e}"));
-        let challenge = r.headers().get("WWW-Authenticate");
-        let challenge = challenge.and_then(|v| v.to_str().ok()).map(String::from);
+        let challenge = common::response_header(&r, "WWW-Authenticate").map(String::from);
         (r.status().as_u16(), challenge)
     };
     let (st, challenge) = status(None);

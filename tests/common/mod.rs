@@ -48,7 +48,7 @@ pub use raw::{header, pread, unread_by_peer, Blob, Raw, REPLY_TIMEOUT};
 pub use regfiles::{CredHelper, DockerConfig, HostsToml};
 pub use registry::{
     agent, basic_header, bcrypt_entry, digest_hex, free_port, hex, malformed_references,
-    registry_available, Registry, REGISTRY_WAIT,
+    registry_available, response_header, Registry, REGISTRY_WAIT,
 };
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
 pub use tls::{agent_trusting, TestCa};

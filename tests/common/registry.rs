@@ -140,7 +140,7 @@ pub fn agent() -> ureq::Agent {
 pub type Response = ureq::http::Response<ureq::Body>;
 
 /// The first value of header `name` of `resp`, if it is text.
-pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+pub fn response_header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
     resp.headers().get(name)?.to_str().ok()
 }
 
@@ -416,7 +416,7 @@ impl Registry {
             .send("POST", &url, &[], Some(&[]))
             .expect("start upload");
         assert_eq!(resp.status(), 202);
-        let loc = header(&resp, "Location").expect("upload Location");
+        let loc = response_header(&resp, "Location").expect("upload Location");
         let loc = url::Url::parse(&self.base())
             .and_then(|b| b.join(loc))
             .expect("upload URL");

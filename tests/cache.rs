@@ -4,7 +4,7 @@
 //! and clients that vanish with fetches in flight.
 mod common;
 use blobmgr::backend::{Backend, BackendError};
-use blobmgr::cache::{JOBS_PER_RANGE, LARGE_JOB};
+use blobmgr::cache::CacheConfig;
 use blobmgr::protocol::{Reply, Request, BLOB_ID_FIELD};
 use common::*;
 use nix::sys::signal::Signal;
@@ -402,9 +402,14 @@ fn concurrent_cold_fetches_read_each_granule_once() {
         let calls = be.reads.lock().unwrap().len() as u64;
         let stats = server.stop();
         assert_eq!(stats.fills_started, calls, "one fill job per backend read");
-        // Jobs of a range are a quarter of it, clamped between max_job and
-        // LARGE_JOB: no job is larger than a quarter of the whole blob's.
-        let job = (size / JOBS_PER_RANGE).clamp(max_job, LARGE_JOB.max(max_job)) / granule;
+        // No job is larger than the largest the planner makes for the
+        // whole blob, however fast the backend.
+        let cfg = CacheConfig {
+            granule,
+            max_job,
+            ..CacheConfig::new("unused")
+        };
+        let job = cfg.job_granules(size, granule, u64::MAX);
         assert!(calls >= granules.div_ceil(job), "{calls} fills");
         assert!(stats.fetch_hits >= 1, "warm fetch was a hit: {stats:?}");
     }

@@ -84,8 +84,9 @@ impl CacheConfig {
     /// bytes of a blob whose last fill ran at `rate` bytes per second (0:
     /// none yet): a quarter of the range ([`JOBS_PER_RANGE`]), at least
     /// `max_job`, and beyond that at most [`LARGE_JOB`] and
-    /// [`LARGE_JOB_SECS`] of transfer at `rate`.
-    pub(crate) fn job_granules(&self, len: u64, granule: u64, rate: u64) -> u64 {
+    /// [`LARGE_JOB_SECS`] of transfer at `rate` (`u64::MAX`: no limit from
+    /// the rate).
+    pub fn job_granules(&self, len: u64, granule: u64, rate: u64) -> u64 {
         let large = LARGE_JOB.min(rate.saturating_mul(LARGE_JOB_SECS));
         let job = (len / JOBS_PER_RANGE).clamp(self.max_job, large.max(self.max_job));
         (job / granule.max(1)).max(1)

@@ -3,7 +3,8 @@
 # else: the CNCF distribution registry (package docker-registry) for the
 # registry backend tests, apache2-utils' htpasswd for the registries with
 # basic auth (bcrypt htpasswd entries), util-linux's setpriv for the
-# peer-uid tests, the openssl command for the HTTPS registry tests (a CA and a
+# peer-uid tests, bsdutils' script for the CLI's progress-bar test (a
+# pseudo-terminal), the openssl command for the HTTPS registry tests (a CA and a
 # server certificate made per test), and systemd's systemd-socket-activate
 # and systemd-analyze for the lifecycle tests (package systemd; installing it
 # starts nothing in a container), and erofs-utils (mkfs.erofs) for the mount
@@ -17,6 +18,7 @@ missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v script >/dev/null 2>&1 || missing+=(bsdutils)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null 2>&1 ||
   missing+=(systemd)
@@ -42,3 +44,4 @@ fi
 command -v docker-registry >/dev/null
 command -v systemd-socket-activate >/dev/null
 command -v mkfs.erofs >/dev/null
+command -v script >/dev/null

@@ -575,9 +575,10 @@ fn fetch_fails_naming_each_missing_blob() {
 
 #[test]
 fn fetch_on_a_terminal_shows_progress_bars() {
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("skipped: no `script` (util-linux) to give fetch a terminal");
-        return;
+    // Fails rather than skips without it (scripts/setup-test-deps.sh
+    // installs it).
+    if let Err(e) = Command::new("script").arg("--version").output() {
+        panic!("no `script` (bsdutils) to give fetch a terminal: {e}");
     }
     let d = Serve::standard(&[]);
     d.add_blob("big", &pattern(20 << 20, 5));

@@ -18,8 +18,8 @@
 //!   made with `openssl`, and [`agent_trusting`] its CA.
 //! - `rng.rs`: [`Rng`], the seeded generator (`BLOBMGR_TEST_SEED`), and
 //!   [`pattern`], deterministic blob data.
-//! - `tmpfs.rs`: [`Tmpfs`], a small tmpfs for full-disk tests, and
-//!   [`free_bytes`].
+//! - `tmpfs.rs`: [`Tmpfs`], a small tmpfs for full-disk tests,
+//!   [`free_bytes`], and [`require_root`] for tests that need root.
 //! - `wait.rs`: [`wait_until`] and the blocking waits; no test sleeps to
 //!   synchronise (see docs/TESTING.md).
 //!
@@ -52,7 +52,7 @@ pub use registry::{
 };
 pub use rng::{env_u64, mix, parse_u64, pattern, test_seed, Rng};
 pub use tls::{agent_trusting, TestCa};
-pub use tmpfs::{free_bytes, Tmpfs};
+pub use tmpfs::{free_bytes, require_root, Tmpfs};
 pub use wait::{wait_exit, wait_until, wait_writable, Gate};
 
 pub fn sha256(data: &[u8]) -> Vec<u8> {

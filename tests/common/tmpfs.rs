@@ -4,6 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
+/// Fails the test (never skips it) unless it runs as root: `what` says
+/// what needs root.
+pub fn require_root(what: &str) {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("NOT ROOT — this test FAILS rather than skip: {what} needs root (CI runs as root)");
+    }
+}
+
 /// A tmpfs mounted on a temp dir, lazily unmounted on drop.
 pub struct Tmpfs {
     dir: tempfile::TempDir,

@@ -1,18 +1,22 @@
 //! The disk never fills: a daemon whose work dir is a small tmpfs keeps
 //! `--min-free` free by evicting, refuses what cannot fit, and keeps
-//! serving everything else with the right bytes.
+//! serving everything else with the right bytes; a fill takes its space
+//! before it fetches.
 mod common;
+use blobmgr::backend::{Backend, BackendError};
+use blobmgr::cache::{Blob, CacheConfig};
 use blobmgr::protocol::{Reply, Request};
 use common::*;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
 #[test]
 fn a_small_disk_keeps_its_watermark_and_serves_what_fits() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("this test mounts a tmpfs and must run as root (CI does)");
-    }
+    require_root("mounting a tmpfs");
     let fs = Tmpfs::mount("64m").expect("mount a 64 MiB tmpfs");
     let min_free = 16 * MIB as u64;
     let mut d = Daemon::prepare(&["--min-free", "16M"]);
@@ -61,4 +65,57 @@ fn a_small_disk_keeps_its_watermark_and_serves_what_fits() {
     );
     // A second client is answered the whole time.
     assert_eq!(d.raw().call(&Request::Noop), Reply::Noop);
+}
+
+/// A backend of one blob of patterned bytes that counts its reads.
+struct Counting {
+    data: Vec<u8>,
+    reads: AtomicUsize,
+}
+
+impl Backend for Counting {
+    fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+        Ok(self.data.len() as u64)
+    }
+
+    fn read_into(&self, _id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let range = offset as usize..(offset + len) as usize;
+        dst.write_all_at(&self.data[range], offset)
+            .map_err(|e| BackendError::Io(format!("write cache at {offset}"), e))
+    }
+
+    fn describe(&self) -> String {
+        "counting (test)".into()
+    }
+}
+
+/// A fill takes its disk space before it asks the backend for a byte: on
+/// a file system too full for it, it fails as out of space (the cache then
+/// evicts and retries) without having fetched anything.
+#[test]
+fn a_fill_that_cannot_fit_fails_before_fetching_anything() {
+    require_root("mounting a tmpfs");
+    let fs = Tmpfs::mount("4m").expect("mount a 4 MiB tmpfs");
+    let cfg = CacheConfig {
+        granule: MIB as u64,
+        ..CacheConfig::new(fs.path().join("work"))
+    };
+    cfg.prepare().expect("cache dirs");
+    let be = Counting {
+        data: pattern(16 * MIB, 9),
+        reads: AtomicUsize::new(0),
+    };
+    let blob = Blob::open(&cfg, &be, "b").expect("open");
+    let err = blob.fill(&be, 0, 8).expect_err("8 MiB cannot fit in 4 MiB");
+    assert!(err.is_no_space(), "not an out-of-space failure: {err}");
+    assert_eq!(be.reads.load(Ordering::SeqCst), 0, "fetched before failing");
+    assert_eq!(blob.ready_count(), 0);
+    // What fits is filled, with its bytes, in the space the failed
+    // reservation gave back.
+    let complete = blob.fill(&be, 0, 2).expect("2 MiB fits");
+    assert!(!complete, "2 of 16 granules make no complete blob");
+    assert_eq!(be.reads.load(Ordering::SeqCst), 1);
+    let fd = File::from(blob.client_fd().try_clone().expect("dup"));
+    assert!(pread(&fd, 0, 2 * MIB as u64) == be.data[..2 * MIB]);
 }

@@ -254,6 +254,7 @@ impl Blob {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
         let expected = backend.expected_sha256(backend_id);
+        self.reserve(start, end)?;
         let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
             Ok(extent) => {
@@ -308,6 +309,27 @@ impl Blob {
         // check runs here instead (a no-op if it already passed).
         self.verify(backend, backend_id, expected)?;
         Ok(true)
+    }
+
+    /// Allocates the data file's blocks for `[start, end)` before a fill
+    /// writes them: a full file system says so before any byte is fetched
+    /// (and the fill is retried after an eviction like any ENOSPC), and the
+    /// writes then land in allocated blocks, which costs the file system
+    /// less than allocating as they come (docs/PERFORMANCE.md). A file
+    /// system without `fallocate` fills as before.
+    fn reserve(&self, start: u64, end: u64) -> Result<(), BackendError> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (Ok(at), Ok(len)) = (i64::try_from(start), i64::try_from(end - start)) else {
+            return Ok(());
+        };
+        match fallocate(&self.data, FallocateFlags::FALLOC_FL_KEEP_SIZE, at, len) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => Ok(()),
+            Err(e) => Err(BackendError::Io(
+                format!("reserving bytes {start}..{end} of the cache file"),
+                e.into(),
+            )),
+        }
     }
 
     /// Makes everything marked ready durable: data first, then the map,

@@ -11,7 +11,7 @@
 use crate::backend::BackendError;
 use crate::cache::{self, Blob, BlobKey, CacheConfig, OpenError};
 use crate::source::{Source, Sources};
-use crate::worker::Priority;
+use crate::worker::{After, Priority};
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -76,13 +76,15 @@ impl Runner {
         Runner { sources, cache }
     }
 
-    /// The work of `kind`, to run on a worker thread.
-    pub fn work(&self, kind: JobKind) -> impl FnOnce() -> JobOutput + Send + 'static {
+    /// The work of `kind`, to run on a worker thread: its output, and what
+    /// the thread does after posting it (a fill's hashing).
+    pub fn work(&self, kind: JobKind) -> impl FnOnce() -> (JobOutput, Option<After>) + Send {
         let this = self.clone();
         move || match kind {
             JobKind::Open { id, source } => {
                 let (backend, backend_id) = this.sources.backend(&source, &id);
-                JobOutput::Opened(Blob::open_as(&this.cache, backend, backend_id, &id))
+                let opened = Blob::open_as(&this.cache, backend, backend_id, &id);
+                (JobOutput::Opened(opened), None)
             }
             JobKind::Fill {
                 blob,
@@ -92,13 +94,29 @@ impl Runner {
                 ..
             } => {
                 let (backend, backend_id) = this.sources.backend(&source, blob.id());
-                JobOutput::Filled(blob.fill_from(backend, backend_id, g0, n))
+                let filled = blob.fill_from(backend, backend_id, g0, n);
+                // Its waiters need the bytes, not the digest: the hash goes
+                // on through them once they are answered.
+                let after = matches!(filled, Ok(false))
+                    .then(|| Box::new(move || blob.hash_ready_prefix()) as After);
+                (JobOutput::Filled(filled), after)
             }
             JobKind::Delete { id } => {
-                JobOutput::Deleted(cache::remove_blob_files(&this.cache, &id))
+                let deleted = cache::remove_blob_files(&this.cache, &id);
+                (JobOutput::Deleted(deleted), None)
             }
-            JobKind::Checkpoint { blob } => JobOutput::Checkpointed(blob.checkpoint()),
+            JobKind::Checkpoint { blob } => (JobOutput::Checkpointed(blob.checkpoint()), None),
         }
+    }
+
+    /// [`Runner::work`] run here and now, after-step included: the job's
+    /// output (for tests that play the worker).
+    pub fn run(&self, kind: JobKind) -> JobOutput {
+        let (output, after) = (self.work(kind))();
+        if let Some(after) = after {
+            after();
+        }
+        output
     }
 }
 

@@ -377,7 +377,7 @@ impl Server {
         let mut any = false;
         for (id, kind) in self.service.take_jobs() {
             self.pool
-                .submit_as(id, kind.priority(), self.runner.work(kind));
+                .submit_then(id, kind.priority(), self.runner.work(kind));
             any = true;
         }
         for id in self.service.take_promoted() {

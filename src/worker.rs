@@ -6,6 +6,10 @@
 //! A job that runs past its deadline is abandoned: the caller stops waiting
 //! for it and a replacement thread takes its place, so a hung backend cannot
 //! occupy every worker; the stuck thread retires when its job returns.
+//!
+//! A job may leave an [`After`] step: work its thread runs once the job's
+//! completion is posted, which nobody waits for (hashing the bytes a fill
+//! wrote, which the fill's waiters do not need).
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -16,8 +20,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A closure a worker runs.
-type Task<T> = Box<dyn FnOnce() -> T + Send + 'static>;
+/// Work a job leaves for its thread to run after the job's completion is
+/// posted. It runs outside the job's deadline and its panics are only
+/// logged, so it must be bounded and must not be needed by anyone waiting.
+pub type After = Box<dyn FnOnce() + Send + 'static>;
+
+/// A closure a worker runs: its result, and what to do after posting it.
+type Task<T> = Box<dyn FnOnce() -> (T, Option<After>) + Send + 'static>;
 
 /// A finished job: the id it was submitted with and its result, or `None` if
 /// it panicked.
@@ -129,6 +138,17 @@ impl<T: Send + 'static> WorkerPool<T> {
 
     /// Queues `job` at `priority`; its completion will carry `id`.
     pub fn submit_as(&self, id: u64, priority: Priority, job: impl FnOnce() -> T + Send + 'static) {
+        self.submit_then(id, priority, move || (job(), None));
+    }
+
+    /// Queues `job` at `priority`; its completion will carry `id`, and the
+    /// [`After`] step it returns, if any, runs once that is posted.
+    pub fn submit_then(
+        &self,
+        id: u64,
+        priority: Priority,
+        job: impl FnOnce() -> (T, Option<After>) + Send + 'static,
+    ) {
         let task: Queued<T> = (id, Box::new(job), Instant::now());
         let mut st = lock(&self.shared.state);
         match priority {
@@ -348,10 +368,13 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
                 st = s.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let result = panic::catch_unwind(AssertUnwindSafe(job)).ok();
-        if result.is_none() {
-            log::error!("worker job {id} panicked; reported as failed");
-        }
+        let (result, after) = match panic::catch_unwind(AssertUnwindSafe(job)) {
+            Ok((result, after)) => (Some(result), after),
+            Err(_) => {
+                log::error!("worker job {id} panicked; reported as failed");
+                (None, None)
+            }
+        };
         // Off the running list before the completion is posted, so whoever
         // sees the completion never sees the job still running.
         let retire = {
@@ -363,6 +386,11 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         lock(&s.done).push(Completion { id, result });
         // Cannot fail short of an overflow of the 64-bit counter.
         let _ = s.wake.write(1);
+        if let Some(after) = after {
+            if panic::catch_unwind(AssertUnwindSafe(after)).is_err() {
+                log::error!("the after-step of worker job {id} panicked");
+            }
+        }
         if retire {
             return;
         }
@@ -380,6 +408,17 @@ mod tests {
     use super::*;
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+    /// Takes completions until `n` have come, each within 5 s.
+    fn completions(pool: &WorkerPool<u64>, n: usize) -> Vec<Completion<u64>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
+            assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1);
+            pool.take_completions(&mut got);
+        }
+        got
+    }
+
     #[test]
     fn completions_arrive_and_panics_are_failures() {
         let pool = WorkerPool::<u64>::new(2).unwrap();
@@ -392,12 +431,7 @@ mod tests {
                 i * 2
             });
         }
-        let mut got = Vec::new();
-        while got.len() < 100 {
-            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
-            pool.take_completions(&mut got);
-        }
+        let mut got = completions(&pool, 100);
         got.sort_by_key(|c| c.id);
         for c in &got {
             if c.id == 13 {
@@ -507,13 +541,34 @@ mod tests {
             });
         }
         drop(release);
-        let mut got = Vec::new();
-        while got.len() < 5 {
-            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
-            pool.take_completions(&mut got);
-        }
+        completions(&pool, 5);
         assert_eq!(*lock(&order), vec![3, 5, 2, 4]);
+    }
+
+    #[test]
+    fn an_after_step_runs_once_its_completion_is_posted() {
+        let pool = WorkerPool::<u64>::new(1).unwrap();
+        let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+        let (ran_tx, ran) = std::sync::mpsc::channel::<bool>();
+        let after: After = Box::new(move || {
+            // Only a posted completion lets the test say it was seen.
+            let saw = seen.recv_timeout(Duration::from_secs(10)).is_ok();
+            let _ = ran_tx.send(saw);
+        });
+        pool.submit_then(1, Priority::Demand, move || (7, Some(after)));
+        let got = completions(&pool, 1);
+        assert_eq!((got[0].id, got[0].result), (1, Some(7)));
+        seen_tx.send(()).unwrap();
+        let saw = ran.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(saw, "the after-step ran before its completion was posted");
+        // A panicking after-step is logged; its thread goes on serving.
+        let boom: After = Box::new(|| panic!("after-step"));
+        pool.submit_then(2, Priority::Demand, move || (2, Some(boom)));
+        pool.submit(3, || 3);
+        let mut got = completions(&pool, 2);
+        got.sort_by_key(|c| c.id);
+        let got: Vec<_> = got.iter().map(|c| (c.id, c.result)).collect();
+        assert_eq!(got, vec![(2, Some(2)), (3, Some(3))]);
     }
 
     #[test]
@@ -535,12 +590,7 @@ mod tests {
         pool.promote(3);
         pool.promote(99);
         drop(release);
-        let mut got = Vec::new();
-        while got.len() < 4 {
-            let mut fds = [PollFd::new(pool.completion_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
-            pool.take_completions(&mut got);
-        }
+        completions(&pool, 4);
         assert_eq!(*lock(&order), vec![4, 3, 2]);
     }
 }

@@ -233,17 +233,24 @@ impl Blob {
     }
 
     /// Fills granules `[g0, g0 + n)` from the backend, then marks them ready
-    /// and records that in the map file. Runs on a worker. Returns true when
-    /// the blob is now complete (and checked): it is then due a
-    /// [`Blob::checkpoint`], which the caller runs after answering.
+    /// and records that in the map file, then hashes on through them: a
+    /// fill job's whole work, on one thread. Returns true when the blob is
+    /// now complete (and checked): it is then due a [`Blob::checkpoint`],
+    /// which the caller runs after answering.
     pub fn fill(&self, backend: &dyn Backend, g0: u64, n: u64) -> Result<bool, BackendError> {
-        self.fill_from(backend, &self.id, g0, n)
+        let complete = self.fill_from(backend, &self.id, g0, n)?;
+        if !complete {
+            self.hash_ready_prefix();
+        }
+        Ok(complete)
     }
 
-    /// [`Blob::fill`] from the blob the backend calls `backend_id`. When the
-    /// backend wrote more than asked (a server that ignores ranges), every
-    /// whole granule it wrote is marked ready too, so no byte is fetched
-    /// twice.
+    /// [`Blob::fill`] from the blob the backend calls `backend_id`, without
+    /// its last step: the worker runs [`Blob::hash_ready_prefix`] once the
+    /// fill's waiters are answered (the last fill of a blob still checks it
+    /// before its granules show ready). When the backend wrote more than
+    /// asked (a server that ignores ranges), every whole granule it wrote is
+    /// marked ready too, so no byte is fetched twice.
     pub fn fill_from(
         &self,
         backend: &dyn Backend,
@@ -254,6 +261,9 @@ impl Blob {
         let start = g0 * self.granule;
         let end = ((g0 + n) * self.granule).min(self.size);
         let expected = backend.expected_sha256(backend_id);
+        if expected.is_some() {
+            self.checksum.want();
+        }
         self.reserve(start, end)?;
         let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
@@ -300,9 +310,6 @@ impl Blob {
             log::warn!("blob {}: writing readiness map: {e}", self.id);
         }
         if self.ready_count() < self.granules() {
-            if expected.is_some() && !self.is_verified() {
-                self.hash_ready_prefix();
-            }
             return Ok(false);
         }
         // Two last fills that ran at once each saw the other missing: the

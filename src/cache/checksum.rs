@@ -1,8 +1,8 @@
 //! The sha256 of a blob, computed while the blob is filled.
 //!
-//! After each fill, the worker that ran it hashes on through the prefix of
-//! ready granules, reading them back from the page cache where they were
-//! just written. A blob filled front to back (a sequential reader with
+//! After each fill, once the fill's waiters are answered, the worker that
+//! ran it hashes on through the prefix of ready granules, reading them back
+//! from the page cache where they were just written. A blob filled front to back (a sequential reader with
 //! readahead, a whole-blob fetch) is therefore hashed as it arrives, and
 //! completing it costs only its last granules; a blob filled out of order
 //! is hashed at completion for whatever the prefix did not reach (at worst
@@ -22,11 +22,12 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// Read size when hashing back from the cache file.
 const HASH_BUF: usize = 1 << 20;
-/// Most bytes one [`Checksum::advance`] hashes: a fill's worker goes back
-/// to its own job after this much, so no single fill (and no client
-/// waiting on it) pays for hashing the whole blob; what is left is hashed
-/// by later fills, or at completion.
-const MAX_ADVANCE: u64 = 16 << 20;
+/// Most bytes one [`Checksum::advance`] hashes (about 40 ms here): a
+/// fill's worker goes back to the queue after this much, so one fill that
+/// lands after many others does not hold a thread for the whole blob;
+/// what is left is hashed after later fills, or at completion. As large as
+/// a readahead window, so a hash that fell behind by one catches up.
+const MAX_ADVANCE: u64 = 64 << 20;
 
 thread_local! {
     /// One read buffer per worker thread, kept between calls (a fresh
@@ -57,6 +58,9 @@ pub struct Checksum {
     progress: Mutex<Progress>,
     /// Set by a worker that found the hash busy: the holder goes on.
     pending: AtomicBool,
+    /// Set once a fill learns the blob has a digest to be checked against;
+    /// until then hashing as it fills would be work for nothing.
+    wanted: AtomicBool,
 }
 
 impl Default for Checksum {
@@ -64,6 +68,7 @@ impl Default for Checksum {
         Checksum {
             progress: Mutex::new(Progress::new()),
             pending: AtomicBool::new(false),
+            wanted: AtomicBool::new(false),
         }
     }
 }
@@ -75,6 +80,16 @@ fn lock(m: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
 }
 
 impl Checksum {
+    /// Notes that the blob has a digest to be checked against.
+    pub fn want(&self) {
+        self.wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Checksum::want`] was called.
+    pub fn wanted(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed)
+    }
+
     /// Hashes on through the leading granules `ready` says are written, in
     /// `data` of a `size`-byte blob of `granule`-byte granules, at most
     /// `MAX_ADVANCE` bytes. Never waits: if another thread is hashing, it

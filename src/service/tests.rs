@@ -82,7 +82,7 @@ impl Harness {
                 return;
             }
             for (id, kind) in jobs {
-                let out = (self.runner.work(kind))();
+                let out = self.runner.run(kind);
                 self.svc.job_done(id, Some(out));
             }
         }
@@ -192,7 +192,7 @@ fn a_late_fill_is_credited_and_counted_once() {
     assert_eq!(h.svc.metrics().work.fills_failed.get(), 1);
     assert_eq!(h.svc.index().used_bytes(), 0);
     // It returns after all, with the bytes written.
-    let out = (h.runner.work(kind))();
+    let out = h.runner.run(kind);
     h.svc.job_done(id, Some(out));
     assert_eq!(h.svc.index().used_bytes(), 8192, "late bytes are credited");
     assert_eq!(h.svc.metrics().work.fills_failed.get(), 1);
@@ -226,7 +226,7 @@ fn evict_a_by_filling_b() -> (Harness, JobId, JobKind) {
     };
     h.fetch(tb, 0, 8192);
     let (fill, kind) = h.svc.take_jobs().next().unwrap();
-    h.svc.job_done(fill, Some((h.runner.work(kind))()));
+    h.svc.job_done(fill, Some(h.runner.run(kind)));
     h.replies();
     let (delete, kind) = h
         .svc
@@ -246,7 +246,7 @@ fn an_abandoned_delete_keeps_its_blob_exclusive_until_it_returns() {
     assert!(h.svc.take_jobs().next().is_none(), "no open while deleting");
     assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
     // The worker returns: "a" can be opened again.
-    let out = (h.runner.work(kind))();
+    let out = h.runner.run(kind);
     h.svc.job_done(delete, Some(out));
     assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
 }
@@ -257,7 +257,7 @@ fn a_getblob_during_a_running_delete_waits_for_it() {
     let tag = h.send(Request::get_blob(2, "a").unwrap(), true);
     assert!(h.replies().is_empty(), "waits for the delete");
     assert!(h.svc.take_jobs().next().is_none());
-    h.svc.job_done(delete, Some((h.runner.work(kind))()));
+    h.svc.job_done(delete, Some(h.runner.run(kind)));
     h.run_jobs();
     let r = h.replies();
     assert!(matches!(r.as_slice(), [(t, Reply::GetBlob { result: 0, .. })] if *t == tag));
@@ -322,7 +322,7 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
             if kind.priority() == crate::worker::Priority::Background {
                 ahead.push((id, kind));
             } else {
-                let out = (h.runner.work(kind))();
+                let out = h.runner.run(kind);
                 h.svc.job_done(id, Some(out));
             }
         }
@@ -353,7 +353,7 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
     let unwaited = h.svc.readahead_jobs();
     assert!(!unwaited.contains(&second_id));
     assert!(ahead.iter().all(|(id, _)| unwaited.contains(id)));
-    let out = (h.runner.work(second))();
+    let out = h.runner.run(second);
     h.svc.job_done(second_id, Some(out));
     assert!(matches!(
         h.replies()[..],
@@ -364,6 +364,6 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
     h.run_jobs();
     assert!(blob.is_ready(g0));
     for (id, kind) in ahead {
-        h.svc.job_done(id, Some((h.runner.work(kind))()));
+        h.svc.job_done(id, Some(h.runner.run(kind)));
     }
 }

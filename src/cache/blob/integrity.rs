@@ -26,10 +26,14 @@ impl Blob {
         }
     }
 
-    /// Hashes on through the granules ready from the front (a failure is
-    /// only logged: the check at completion hashes what is left, and fails
-    /// there if the file cannot be read).
-    pub(super) fn hash_ready_prefix(&self) {
+    /// Hashes on through the granules ready from the front, a bounded
+    /// amount, if the blob has a digest to be checked against and is not
+    /// checked yet (a failure is only logged: the check at completion hashes
+    /// what is left, and fails there if the file cannot be read).
+    pub fn hash_ready_prefix(&self) {
+        if !self.checksum.wanted() || self.is_verified() {
+            return;
+        }
         let ready = |g| self.is_ready(g);
         if let Err(e) = self
             .checksum
@@ -167,6 +171,23 @@ mod tests {
         }
         assert!(b.fill(&be, 8, 1).unwrap());
         assert!(b.is_verified());
+    }
+
+    #[test]
+    fn a_fill_leaves_hashing_to_its_after_step_and_only_for_digested_blobs() {
+        let (_d, cfg, be, data) = setup(4 * 4096, 4096);
+        let digest = digested(be, &data);
+        let b = Blob::open(&cfg, &digest, "b").unwrap();
+        assert!(!b.fill_from(&digest, "b", 0, 1).unwrap());
+        assert_eq!(b.checksum.hashed(), 0, "the fill itself hashes nothing");
+        b.hash_ready_prefix();
+        assert_eq!(b.checksum.hashed(), 4096, "its after-step does");
+        // Without a digest to check against, nothing is hashed.
+        let plain = &digest.0;
+        crate::cache::remove_blob_files(&cfg, "b").unwrap();
+        let b = Blob::open(&cfg, plain, "b").unwrap();
+        assert!(!b.fill(plain, 0, 2).unwrap());
+        assert_eq!(b.checksum.hashed(), 0);
     }
 
     #[test]

@@ -26,7 +26,7 @@ const HASH_BUF: usize = 1 << 20;
 /// fill's worker goes back to the queue after this much, so one fill that
 /// lands after many others does not hold a thread for the whole blob;
 /// what is left is hashed after later fills, or at completion. As large as
-/// a readahead window, so a hash that fell behind by one catches up.
+/// the largest fill job, so each fill can hash as much as it brought.
 const MAX_ADVANCE: u64 = 64 << 20;
 
 thread_local! {

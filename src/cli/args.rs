@@ -249,7 +249,7 @@ pub struct ServeOptions {
     /// Readiness granule, a power of two of at least 4K [default: 1M]
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub granule: Option<Size>,
-    /// Largest readahead window for a sequential reader; 0 turns readahead off [default: 64M]
+    /// Largest readahead window for a sequential reader; 0 turns readahead off [default: 256M]
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub readahead: Option<Size>,
     /// Most bytes of blob data to keep; least recently used blobs are evicted [default: no limit]

@@ -9,11 +9,13 @@ use super::readahead::Readahead;
 use super::{scan_data_dir, Blob, CacheConfig};
 use crate::jobs::JobId;
 pub use evict::{Cause, Evictions};
+use runs::{run_bytes, spans, Span};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod evict;
+mod runs;
 
 /// A blob's slot in the index. A slot is reused once its blob is evicted,
 /// which happens only to blobs no token holds and no fill is filling, so a
@@ -272,7 +274,7 @@ impl Index {
         let max_run = self.cfg.job_granules(end - start, g, blob.fill_rate());
         let mut waiting_on: Vec<JobId> = Vec::new();
         let mut runs = Vec::new();
-        for span in spans(ob, g0, g1, max_run) {
+        for span in spans(ob, g0, g1, max_run, self.cfg.small_job(g)) {
             match span {
                 Span::Filling(job) => {
                     if waiting_on.last() != Some(&job) {
@@ -329,12 +331,13 @@ impl Index {
         let max_run = self
             .cfg
             .job_granules(stream.window(), g, ob.blob.fill_rate());
-        let runs: Vec<(u64, u64)> = spans(ob, from / g, (to - 1) / g, max_run)
-            .filter_map(|s| match s {
-                Span::Missing(g0, n) => Some((g0, n)),
-                Span::Filling(_) => None,
-            })
-            .collect();
+        let runs: Vec<(u64, u64)> =
+            spans(ob, from / g, (to - 1) / g, max_run, self.cfg.small_job(g))
+                .filter_map(|s| match s {
+                    Span::Missing(g0, n) => Some((g0, n)),
+                    Span::Filling(_) => None,
+                })
+                .collect();
         let need = run_bytes(&runs, g, size);
         if need > 0 && self.disk.is_some() && !self.make_room(need, Cause::MinFree) {
             return Vec::new();
@@ -402,57 +405,6 @@ impl Index {
     }
 }
 
-/// Bytes of a `size`-byte blob that runs of `granule`-byte granules
-/// `(g0, n)` cover (the last granule ends at the blob's end).
-fn run_bytes(runs: &[(u64, u64)], granule: u64, size: u64) -> u64 {
-    runs.iter()
-        .map(|&(g0, n)| ((g0 + n) * granule).min(size).saturating_sub(g0 * granule))
-        .sum()
-}
-
-/// What a granule range of a blob needs: granules already being filled
-/// (by that job), or a run `(g0, n)` of granules neither ready nor in
-/// flight, at most the longest fill job.
-#[derive(Debug, PartialEq, Eq)]
-enum Span {
-    Filling(JobId),
-    Missing(u64, u64),
-}
-
-/// The [`Span`]s of granules `[g0, g1]` of `ob`, in order; ready granules
-/// are skipped.
-fn spans(ob: &OpenBlob, g0: u64, g1: u64, max_run: u64) -> impl Iterator<Item = Span> + '_ {
-    let blob = &ob.blob;
-    let mut gi = g0;
-    std::iter::from_fn(move || {
-        while gi <= g1 && blob.is_ready(gi) {
-            gi += 1;
-        }
-        if gi > g1 {
-            return None;
-        }
-        // Already being filled by a job that covers gi?
-        if let Some((&j0, &(n, job))) = ob.inflight.range(..=gi).next_back() {
-            if gi < j0 + n {
-                gi = j0 + n;
-                return Some(Span::Filling(job));
-            }
-        }
-        let next_inflight = ob
-            .inflight
-            .range(gi..)
-            .next()
-            .map_or(u64::MAX, |(&j0, _)| j0);
-        let mut n = 0;
-        while gi + n <= g1 && n < max_run && gi + n < next_inflight && !blob.is_ready(gi + n) {
-            n += 1;
-        }
-        let run = Span::Missing(gi, n);
-        gi += n;
-        Some(run)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,10 +466,12 @@ mod tests {
     }
 
     #[test]
-    fn long_ranges_are_filled_in_larger_jobs() {
-        // Jobs of 2 granules for short ranges; a range of 64 granules is
-        // split in four jobs of 16, so a long pull makes fewer requests.
-        let (_d, cfg, be, _) = setup(64 * 4096, 4096);
+    fn long_ranges_are_filled_in_larger_jobs_that_shrink_toward_the_end() {
+        // Jobs of 2 granules for short ranges; a range of 64 granules far
+        // from the blob's end is split in four jobs of 16, so a long pull
+        // makes fewer requests; near the end they shrink to a quarter of
+        // what is left.
+        let (_d, cfg, be, _) = setup(256 * 4096, 4096);
         let mut index = Index::new(cfg.clone());
         let key = index.insert(Blob::open(&cfg, &be, "b").unwrap());
         let now = Instant::now();
@@ -549,6 +503,21 @@ mod tests {
         assert!(blob.fill_rate() > 16 * 4096, "local files are fast");
         let long = runs(index.plan(key, 0, 64 * 4096, || now));
         assert_eq!(long, [(4, 16), (20, 16), (36, 16), (52, 12)]);
+        // The last 192 granules, asked at once: every granule once, in
+        // runs that never grow, none longer than a quarter of what is left
+        // from its start (or the short job), the last ones short.
+        let tail = runs(index.plan(key, 64 * 4096, 192 * 4096, || now));
+        assert_eq!(tail.first().map(|r| r.0), Some(64));
+        assert!(tail
+            .windows(2)
+            .all(|w| w[0].0 + w[0].1 == w[1].0 && w[1].1 <= w[0].1));
+        assert_eq!(tail.iter().map(|r| r.1).sum::<u64>(), 192, "{tail:?}");
+        assert!(
+            tail.iter().all(|&(g0, n)| n <= ((256 - g0) / 4).max(2)),
+            "{tail:?}"
+        );
+        assert_eq!(tail.first().map(|r| r.1), Some(48), "a quarter: {tail:?}");
+        assert!(tail.iter().rev().take(3).all(|r| r.1 <= 2), "{tail:?}");
     }
 
     #[test]

@@ -94,6 +94,12 @@ impl CacheConfig {
         (job / granule.max(1)).max(1)
     }
 
+    /// Granules of a short range's job (`max_job`, at least one granule):
+    /// the smallest job a long range's runs shrink to near the blob's end.
+    pub fn small_job(&self, granule: u64) -> u64 {
+        (self.max_job / granule).max(1)
+    }
+
     pub(crate) fn data_dir(&self) -> PathBuf {
         self.workdir.join("data")
     }

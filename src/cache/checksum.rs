@@ -2,8 +2,9 @@
 //!
 //! After each fill, once the fill's waiters are answered, the worker that
 //! ran it hashes on through the prefix of ready granules, reading them back
-//! from the page cache where they were just written. A blob filled front to back (a sequential reader with
-//! readahead, a whole-blob fetch) is therefore hashed as it arrives, and
+//! from the page cache where they were just written. A blob filled front
+//! to back (a sequential reader with readahead, a whole-blob fetch) is
+//! therefore hashed as it arrives, and
 //! completing it costs only its last granules; a blob filled out of order
 //! is hashed at completion for whatever the prefix did not reach (at worst
 //! a whole pass, as before).

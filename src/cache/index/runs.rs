@@ -25,7 +25,9 @@ pub(super) enum Span {
 }
 
 /// The [`Span`]s of granules `[g0, g1]` of `ob`, in order; ready granules
-/// are skipped.
+/// are skipped. A missing run is at most `max_run` granules, and at most a
+/// quarter of what is left of the blob from its start, though never cut
+/// below `min_run`.
 pub(super) fn spans(
     ob: &OpenBlob,
     g0: u64,

@@ -4,10 +4,9 @@
 //! ran it hashes on through the prefix of ready granules, reading them back
 //! from the page cache where they were just written. A blob filled front
 //! to back (a sequential reader with readahead, a whole-blob fetch) is
-//! therefore hashed as it arrives, and
-//! completing it costs only its last granules; a blob filled out of order
-//! is hashed at completion for whatever the prefix did not reach (at worst
-//! a whole pass, as before).
+//! therefore hashed as it arrives, and completing it costs only its last
+//! granules; a blob filled out of order is hashed at completion for
+//! whatever the prefix did not reach (at worst a whole pass, as before).
 //!
 //! Workers never wait for one another here except at completion: a worker
 //! that finds another one hashing leaves it a note to go on for its

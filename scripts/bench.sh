@@ -18,6 +18,10 @@
 #   BENCH_REG_READS=32    registry: cold random 4 KiB reads per round
 #   BENCH_REG_SEED=1      registry: seed of their offsets
 #   BENCH_REG_PARTS="pull random probe"   registry: which of its parts run
+#                         ("ab" also exists: the daemon's pull, BENCH_AB
+#                         against BENCH_BLOBMGR, alternating; not a default)
+#   BENCH_AB=PATH         registry "ab": the other blobmgr binary, e.g. a
+#                         build from before a change
 #   BENCH_OUT=FILE        where the log goes (default: $TARGET/bench-results.txt)
 #   BENCH_BLOBMGR=PATH    the blobmgr binary measured (default: this tree's
 #                         release build), e.g. an older build for a before/after
@@ -47,6 +51,7 @@ REG_SMALL_MIB=${BENCH_REG_SMALL_MIB:-256}
 REG_READS=${BENCH_REG_READS:-32}
 REG_SEED=${BENCH_REG_SEED:-1}
 REG_PARTS=${BENCH_REG_PARTS:-pull random probe}
+AB_BIN=${BENCH_AB:-}
 
 # die MESSAGE: stops the script (the EXIT trap cleans up); the message also
 # goes to the log once there is one.
@@ -486,6 +491,38 @@ registry_pull() {
     log "RATIO registry-pull curl/daemon: $(calc 2 "$PULL_RATIO") (median of the per-round ratios)"
 }
 
+# One build's cold pull against another's (BENCH_AB against this tree's
+# or BENCH_BLOBMGR), BENCH_REPEAT pairs, the order alternating: wall and
+# daemon CPU per round, then the medians and their ratio. For a change's
+# before and after, in the same run.
+registry_ab() {
+    local r order side a_s=() b_s=() a_cpu=() b_cpu=() ratio=()
+    [ -n "$AB_BIN" ] && [ -x "$AB_BIN" ] || die "BENCH_REG_PARTS=ab needs BENCH_AB=PATH of another blobmgr binary"
+    log "## Registry: cold pull of the $REG_MIB MiB blob by two builds, $REPEAT pair(s), alternating"
+    log "\$ blobmgr cat --sock S $(reg_ref "${REG_HEXES[0]}") > FILE   # a fresh daemon each, A = $AB_BIN, B = $BIN"
+    for r in $(seq "$REPEAT"); do
+        order="A B"
+        [ $((r % 2)) = 1 ] || order="B A"
+        for side in $order; do
+            if [ "$side" = A ]; then
+                # For the call only (bash's prefix assignment).
+                BIN=$AB_BIN pull_daemon
+                a_s+=("$PULL_S")
+                a_cpu+=("$PULL_CPU")
+            else
+                pull_daemon
+                b_s+=("$PULL_S")
+                b_cpu+=("$PULL_CPU")
+            fi
+        done
+        ratio+=("$(calc 3 "${a_s[-1]} / ${b_s[-1]}")")
+        log "pair $r: A ${a_s[-1]} s (daemon CPU ${a_cpu[-1]} s), B ${b_s[-1]} s (daemon CPU ${b_cpu[-1]} s), A/B ${ratio[-1]}"
+    done
+    log "SUMMARY registry-ab A: s $(calc 3 "$(median "${a_s[@]}")")  daemon CPU s $(calc 2 "$(median "${a_cpu[@]}")")  (n=$REPEAT)"
+    log "SUMMARY registry-ab B: s $(calc 3 "$(median "${b_s[@]}")")  daemon CPU s $(calc 2 "$(median "${b_cpu[@]}")")  (n=$REPEAT)"
+    log "RATIO registry-ab wall A/B: $(calc 2 "$(median "${ratio[@]}")") (median of the per-pair ratios; above 1: B is faster)"
+}
+
 # Cold random 4 KiB reads, one at a time: `loadgen random` through a
 # fresh daemon (FetchRange + pread per read, each timed), then curl with a
 # Range header for the same offsets, which loadgen prints; curl's
@@ -627,8 +664,8 @@ scenario_registry() {
     PROBE_RATIO=nan PROBE_D=nan PROBE_E=nan
     for part in $REG_PARTS; do
         case $part in
-        pull | random | probe) "registry_$part" ;;
-        *) die "BENCH_REG_PARTS: unknown part '$part' (pull, random, probe)" ;;
+        pull | random | probe | ab) "registry_$part" ;;
+        *) die "BENCH_REG_PARTS: unknown part '$part' (pull, random, probe, ab)" ;;
         esac
     done
     stop_pid "$REG_PID"

@@ -63,7 +63,11 @@ struct Queue<T> {
     stopping: bool,
     /// Jobs being run: id → (worker index, start time).
     running: HashMap<u64, (usize, Instant)>,
-    /// Workers whose job was abandoned; each retires when its job returns.
+    /// Workers running an after-step: worker index → its start time. One
+    /// that runs past the limit is stuck like a job (without a job to fail).
+    afters: HashMap<usize, Instant>,
+    /// Workers whose job (or after-step) ran past the limit; each retires
+    /// when it returns.
     stuck: HashSet<usize>,
 }
 
@@ -103,6 +107,7 @@ impl<T: Send + 'static> WorkerPool<T> {
                 background: VecDeque::new(),
                 stopping: false,
                 running: HashMap::new(),
+                afters: HashMap::new(),
                 stuck: HashSet::new(),
             }),
             work: Condvar::new(),
@@ -198,7 +203,8 @@ impl<T: Send + 'static> WorkerPool<T> {
             let mut guard = lock(&self.shared.state);
             let st = &mut *guard;
             let replace = Self::mark_stuck(st, limit, now, self.max_stuck, &mut expired);
-            for &(_, started) in st.running.values() {
+            let starts = st.running.values().map(|&(_, t)| t);
+            for started in starts.chain(st.afters.values().copied()) {
                 let deadline = started + limit;
                 if deadline > now {
                     next = Some(next.map_or(deadline, |n| n.min(deadline)));
@@ -235,8 +241,9 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 
     /// Marks the threads whose task ran past `limit` as stuck, adding the
-    /// tasks to `expired`; returns how many replacements to start (bounded
-    /// by `max_stuck` stuck threads alive at once).
+    /// tasks to `expired` (a thread in an after-step has no task to add);
+    /// returns how many replacements to start (bounded by `max_stuck` stuck
+    /// threads alive at once).
     fn mark_stuck(
         st: &mut Queue<T>,
         limit: Duration,
@@ -248,6 +255,11 @@ impl<T: Send + 'static> WorkerPool<T> {
         for (&id, &(worker, started)) in st.running.iter() {
             if !st.stuck.contains(&worker) && started + limit <= now {
                 expired.push(id);
+                newly_stuck.push(worker);
+            }
+        }
+        for (&worker, &started) in st.afters.iter() {
+            if !st.stuck.contains(&worker) && started + limit <= now {
                 newly_stuck.push(worker);
             }
         }
@@ -279,10 +291,13 @@ impl<T: Send + 'static> WorkerPool<T> {
         removed
     }
 
-    /// Jobs queued or running.
+    /// Jobs queued or running, or after-steps running.
     pub fn busy(&self) -> bool {
         let st = lock(&self.shared.state);
-        !st.jobs.is_empty() || !st.background.is_empty() || !st.running.is_empty()
+        !st.jobs.is_empty()
+            || !st.background.is_empty()
+            || !st.running.is_empty()
+            || !st.afters.is_empty()
     }
 
     /// Drops every job no thread has started; their completions never come.
@@ -377,12 +392,13 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         };
         // Off the running list before the completion is posted, so whoever
         // sees the completion never sees the job still running.
-        let retire = {
+        {
             let mut st = lock(&s.state);
             st.running.remove(&id);
-            // A replacement took this thread's place while it was stuck.
-            st.stuck.remove(&index)
-        };
+            if after.is_some() {
+                st.afters.insert(index, Instant::now());
+            }
+        }
         lock(&s.done).push(Completion { id, result });
         // Cannot fail short of an overflow of the 64-bit counter.
         let _ = s.wake.write(1);
@@ -391,6 +407,12 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
                 log::error!("the after-step of worker job {id} panicked");
             }
         }
+        let retire = {
+            let mut st = lock(&s.state);
+            st.afters.remove(&index);
+            // A replacement took this thread's place while it was stuck.
+            st.stuck.remove(&index)
+        };
         if retire {
             return;
         }
@@ -495,6 +517,30 @@ mod tests {
             poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
             pool.take_completions(&mut got);
         }
+        drop(release);
+    }
+
+    #[test]
+    fn a_stuck_after_step_has_its_thread_replaced() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let after: After = Box::new(move || {
+            let _ = started_tx.send(());
+            let _ = hold.recv();
+        });
+        pool.submit_then(1, Priority::Demand, move || (1, Some(after)));
+        completions(&pool, 1);
+        started.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(pool.busy(), "a running after-step keeps the pool busy");
+        pool.submit(2, || 2);
+        // Past the limit the thread is stuck (no job of its own to fail):
+        // a replacement takes task 2 while the after-step still hangs.
+        let later = Instant::now() + Duration::from_secs(1);
+        let e = pool.expire(Duration::from_millis(10), later);
+        assert_eq!((e.stuck, e.dropped), (vec![], vec![]));
+        let got = completions(&pool, 1);
+        assert_eq!((got[0].id, got[0].result), (2, Some(2)));
         drop(release);
     }
 

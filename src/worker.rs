@@ -61,11 +61,10 @@ struct Queue<T> {
     /// Queued background tasks, oldest first; run when `jobs` is empty.
     background: VecDeque<Queued<T>>,
     stopping: bool,
-    /// Jobs being run: id → (worker index, start time).
-    running: HashMap<u64, (usize, Instant)>,
-    /// Workers running an after-step: worker index → its start time. One
-    /// that runs past the limit is stuck like a job (without a job to fail).
-    afters: HashMap<usize, Instant>,
+    /// What each busy worker runs, by worker index: a job (`Some(id)`) or
+    /// an after-step (`None`), and since when. Either is stuck past the
+    /// limit; only a job has waiters to fail.
+    running: HashMap<usize, (Option<u64>, Instant)>,
     /// Workers whose job (or after-step) ran past the limit; each retires
     /// when it returns.
     stuck: HashSet<usize>,
@@ -107,7 +106,6 @@ impl<T: Send + 'static> WorkerPool<T> {
                 background: VecDeque::new(),
                 stopping: false,
                 running: HashMap::new(),
-                afters: HashMap::new(),
                 stuck: HashSet::new(),
             }),
             work: Condvar::new(),
@@ -203,8 +201,7 @@ impl<T: Send + 'static> WorkerPool<T> {
             let mut guard = lock(&self.shared.state);
             let st = &mut *guard;
             let replace = Self::mark_stuck(st, limit, now, self.max_stuck, &mut expired);
-            let starts = st.running.values().map(|&(_, t)| t);
-            for started in starts.chain(st.afters.values().copied()) {
+            for &(_, started) in st.running.values() {
                 let deadline = started + limit;
                 if deadline > now {
                     next = Some(next.map_or(deadline, |n| n.min(deadline)));
@@ -252,14 +249,9 @@ impl<T: Send + 'static> WorkerPool<T> {
         expired: &mut Vec<u64>,
     ) -> usize {
         let mut newly_stuck = Vec::new();
-        for (&id, &(worker, started)) in st.running.iter() {
+        for (&worker, &(job, started)) in st.running.iter() {
             if !st.stuck.contains(&worker) && started + limit <= now {
-                expired.push(id);
-                newly_stuck.push(worker);
-            }
-        }
-        for (&worker, &started) in st.afters.iter() {
-            if !st.stuck.contains(&worker) && started + limit <= now {
+                expired.extend(job);
                 newly_stuck.push(worker);
             }
         }
@@ -294,10 +286,7 @@ impl<T: Send + 'static> WorkerPool<T> {
     /// Jobs queued or running, or after-steps running.
     pub fn busy(&self) -> bool {
         let st = lock(&self.shared.state);
-        !st.jobs.is_empty()
-            || !st.background.is_empty()
-            || !st.running.is_empty()
-            || !st.afters.is_empty()
+        !st.jobs.is_empty() || !st.background.is_empty() || !st.running.is_empty()
     }
 
     /// Drops every job no thread has started; their completions never come.
@@ -374,7 +363,7 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
             loop {
                 let next = st.jobs.pop_front().or_else(|| st.background.pop_front());
                 if let Some((id, job, _)) = next {
-                    st.running.insert(id, (index, Instant::now()));
+                    st.running.insert(index, (Some(id), Instant::now()));
                     break (id, job);
                 }
                 if st.stopping {
@@ -391,12 +380,14 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
             }
         };
         // Off the running list before the completion is posted, so whoever
-        // sees the completion never sees the job still running.
+        // sees the completion never sees the job still running (its thread
+        // may stay on it for the after-step).
         {
             let mut st = lock(&s.state);
-            st.running.remove(&id);
             if after.is_some() {
-                st.afters.insert(index, Instant::now());
+                st.running.insert(index, (None, Instant::now()));
+            } else {
+                st.running.remove(&index);
             }
         }
         lock(&s.done).push(Completion { id, result });
@@ -409,7 +400,7 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         }
         let retire = {
             let mut st = lock(&s.state);
-            st.afters.remove(&index);
+            st.running.remove(&index);
             // A replacement took this thread's place while it was stuck.
             st.stuck.remove(&index)
         };

@@ -374,7 +374,7 @@ fn next_hop(resp: Response, from: &Url, hops: u32) -> Result<Url, Failure> {
 /// its path. Everything up to the last `@` goes, so a `@` later in the URL
 /// hides more than needed, never less.
 fn redact_str(u: &str) -> String {
-    let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
+    let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     let rest = rest.split(['?', '#']).next().unwrap_or_default();
     match scheme {

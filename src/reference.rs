@@ -77,8 +77,9 @@ pub enum ReferenceError {
     EmptyHost,
     /// The DNS name is longer than [`MAX_HOST_LEN`] bytes (its length).
     HostTooLong(usize),
-    /// A DNS label is empty, too long or has a character outside
-    /// `[A-Za-z0-9-]` or a `-` at either end (the label).
+    /// A DNS label is empty, too long, has a character outside
+    /// `[A-Za-z0-9-]` or a `-` at either end, or is an `xn--` label that is
+    /// not valid IDNA (the label; the whole name when only the whole fails).
     BadHostLabel(String),
     /// A name whose last label is numeric is not a valid dotted quad.
     BadIpv4(String),

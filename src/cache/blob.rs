@@ -10,7 +10,7 @@ mod integrity;
 
 use super::checksum::Checksum;
 use super::map::{self, MapHeader, StoredMap};
-use super::{CacheConfig, OpenError};
+use super::{CacheConfig, OpenError, MAX_BLOB_SIZE};
 use crate::backend::{Backend, BackendError};
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -103,6 +103,9 @@ impl Blob {
             (Err(BackendError::NotFound), None) => return Err(OpenError::NotFound),
             (Err(e), None) => return Err(OpenError::Backend(e)),
         };
+        if size > MAX_BLOB_SIZE {
+            return Err(OpenError::TooLarge(size));
+        }
         let data = open_file(&data_path, true, false)?;
         let len = data
             .metadata()
@@ -425,6 +428,36 @@ mod tests {
         assert_eq!(b.ready_bytes(), 100);
         b.fill(&be, 0, 1).unwrap();
         assert_eq!(b.ready_bytes(), 4196);
+    }
+
+    /// Claims a blob of `0.0` bytes and has none.
+    struct Sized(u64);
+
+    impl Backend for Sized {
+        fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+            Ok(self.0)
+        }
+        fn read_into(&self, _: &str, _: u64, _: u64, _: &File) -> Result<(), BackendError> {
+            Err(BackendError::NotFound)
+        }
+        fn describe(&self) -> String {
+            "sized".into()
+        }
+    }
+
+    #[test]
+    fn a_size_above_the_limit_is_refused_before_anything_is_allocated() {
+        let (_d, cfg, _, _) = setup(4096, 4096);
+        // u64::MAX would ask for 2^49 bytes of readiness bits at this granule.
+        for size in [MAX_BLOB_SIZE + 1, i64::MAX as u64, u64::MAX] {
+            let e = Blob::open(&cfg, &Sized(size), "huge")
+                .err()
+                .expect("refused");
+            assert!(matches!(e, OpenError::TooLarge(s) if s == size), "{e}");
+            assert_eq!(e.errno(), crate::protocol::Errno::Io);
+            assert!(!cfg.data_dir().join("huge").exists(), "no file made");
+        }
+        assert!(Blob::open(&cfg, &Sized(MAX_BLOB_SIZE), "max").is_ok());
     }
 
     /// Never delivers: every fill times out.

@@ -30,6 +30,11 @@ use std::path::{Path, PathBuf};
 
 /// Default granule: see docs/PERFORMANCE.md for the measurement behind it.
 pub const DEFAULT_GRANULE: u64 = 1 << 20;
+
+/// The largest blob the cache takes: 1 TiB, more than any image layer, and
+/// a bound on what a backend's size can make it allocate (the readiness
+/// bits: 128 KiB at the default granule, 32 MiB at the smallest).
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
 /// Largest fill job of a short range; longer runs of missing granules are
 /// split so several workers fill one cold range in parallel.
 pub const DEFAULT_MAX_JOB: u64 = 4 << 20;
@@ -131,6 +136,8 @@ pub enum OpenError {
     NotFound,
     /// The backend failed and the cache has no valid copy.
     Backend(BackendError),
+    /// The backend gives a size above [`MAX_BLOB_SIZE`] (that size).
+    TooLarge(u64),
     /// A cache file could not be opened, sized or examined.
     File {
         what: &'static str,
@@ -154,7 +161,7 @@ impl OpenError {
             OpenError::NotFound => Errno::NoEnt,
             OpenError::Backend(BackendError::NotFound) => Errno::NoEnt,
             OpenError::Backend(BackendError::AccessDenied { .. }) => Errno::Access,
-            OpenError::Backend(_) | OpenError::File { .. } => Errno::Io,
+            OpenError::Backend(_) | OpenError::TooLarge(_) | OpenError::File { .. } => Errno::Io,
         }
     }
 }
@@ -164,6 +171,10 @@ impl fmt::Display for OpenError {
         match self {
             OpenError::NotFound => write!(f, "no such blob"),
             OpenError::Backend(e) => write!(f, "backend: {e}"),
+            OpenError::TooLarge(size) => write!(
+                f,
+                "the backend gives a size of {size} bytes, above the {MAX_BLOB_SIZE} a blob may have"
+            ),
             OpenError::File { what, path, source } => {
                 write!(f, "{what} {}: {source}", path.display())
             }
@@ -174,7 +185,7 @@ impl fmt::Display for OpenError {
 impl std::error::Error for OpenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            OpenError::NotFound => None,
+            OpenError::NotFound | OpenError::TooLarge(_) => None,
             OpenError::Backend(e) => Some(e),
             OpenError::File { source, .. } => Some(source),
         }

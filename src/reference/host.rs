@@ -204,6 +204,15 @@ fn parse_name(name: &str) -> Result<HostName, ReferenceError> {
     if let Some(label) = name.split('.').find(|l| !is_dns_label(l)) {
         return Err(ReferenceError::BadHostLabel(label.to_string()));
     }
+    // Every request URL goes through `url`, which decodes `xn--` labels
+    // (IDNA) and refuses invalid punycode: such a name is a bad reference
+    // here, not a URL that cannot be built later.
+    if url::Host::parse(&name).is_err() {
+        let label = name.split('.').find(|l| url::Host::parse(l).is_err());
+        return Err(ReferenceError::BadHostLabel(
+            label.unwrap_or(&name).to_string(),
+        ));
+    }
     if name == DOCKER_HUB_INDEX {
         return Ok(HostName::Domain(DOCKER_HUB.to_string()));
     }
@@ -245,12 +254,13 @@ mod tests {
             ("[::FFFF:127.0.0.1]", "[::ffff:127.0.0.1]"),
             ("index.docker.io", "docker.io"),
             ("1.2.3.example", "1.2.3.example"),
+            ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
         ] {
-            assert_eq!(
-                Host::parse(input).unwrap().authority(),
-                authority,
-                "{input}"
-            );
+            let host = Host::parse(input).unwrap();
+            assert_eq!(host.authority(), authority, "{input}");
+            // Every accepted host makes an origin URL (`url` is stricter
+            // than the label grammar about `xn--` labels).
+            assert!(!crate::hosts::default_config(&host).endpoints.is_empty());
         }
     }
 

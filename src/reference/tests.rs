@@ -32,6 +32,10 @@ fn malformed_references_fail_with_the_right_error() {
         (id("ex_ample.com/r"), BadHostLabel("ex_ample".into())),
         (id("example..com/r"), BadHostLabel(String::new())),
         (id("example.com./r"), BadHostLabel(String::new())),
+        // Not valid punycode: `url` would refuse to build a URL of it.
+        (id("xn--a.com/r"), BadHostLabel("xn--a".into())),
+        (id("a.xn--/r"), BadHostLabel("xn--".into())),
+        (id("xn--zz.example.com/r"), BadHostLabel("xn--zz".into())),
         (
             id(&format!("{}.com/r", "a".repeat(64))),
             BadHostLabel("a".repeat(64)),

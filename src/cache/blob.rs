@@ -450,9 +450,9 @@ mod tests {
         let (_d, cfg, _, _) = setup(4096, 4096);
         // u64::MAX would ask for 2^49 bytes of readiness bits at this granule.
         for size in [MAX_BLOB_SIZE + 1, i64::MAX as u64, u64::MAX] {
-            let e = Blob::open(&cfg, &Sized(size), "huge")
-                .err()
-                .expect("refused");
+            let Err(e) = Blob::open(&cfg, &Sized(size), "huge") else {
+                panic!("{size} bytes accepted");
+            };
             assert!(matches!(e, OpenError::TooLarge(s) if s == size), "{e}");
             assert_eq!(e.errno(), crate::protocol::Errno::Io);
             assert!(!cfg.data_dir().join("huge").exists(), "no file made");

@@ -402,6 +402,13 @@ impl Credentials {
             .and_then(|a| a.credential.clone()))
     }
 
+    /// Forgets the helper answer kept for `authority`, whose credentials a
+    /// registry just refused, so that the next lookup asks the helper
+    /// again (a rotated password, a renewed short-lived token).
+    pub fn forget(&self, authority: &str) {
+        self.cache().remove(&normalise_key(authority));
+    }
+
     /// The helper's answer for `key`, from the cache or by running it.
     fn helper_answer(
         &self,

@@ -343,6 +343,29 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
     pull_whole(&mut raw, &b, &two);
     assert!(!store.calls().is_empty(), "credsStore never ran");
 
+    // The helper's password is rotated while the daemon runs: the refused
+    // answer is not kept, the next GetBlob asks the helper again.
+    let rot = CredHelper::write("blobrot", &[(&r1.host(), "alice", PW_WRONG)]);
+    let cfg = DockerConfig::new()
+        .cred_helper(&r1.host(), "blobrot")
+        .write(&cfgs.path().join("rotating"));
+    let d4 = start(
+        Opts {
+            docker_config: Some(cfg),
+            ..Opts::default()
+        }
+        .env("PATH", &rot.path_env()),
+    );
+    let mut raw = d4.raw();
+    assert_eq!(raw.open(1, &id1).err(), Some(EACCES), "the old password");
+    let rotated = CredHelper::write("blobrot", &[(&r1.host(), "alice", PW_ALICE)]);
+    std::fs::rename(rotated.path(), rot.path()).unwrap();
+    let b = raw.open_ok(&id1);
+    pull_whole(&mut raw, &b, &one);
+    // (The new script logs its calls next to where it was written.)
+    assert_eq!(rot.calls().len(), 1, "the old password asked once");
+    assert_eq!(rotated.calls().len(), 1, "the new one asked once");
+
     // No credentials at all.
     let d3 = start(Opts::default());
     let mut raw = d3.raw();
@@ -358,7 +381,12 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
         b64("bob", PW_BOB),
         b64("alice", PW_WRONG),
     ];
-    for (name, d) in [("auths+helper", &d1), ("store", &d2), ("none", &d3)] {
+    for (name, d) in [
+        ("auths+helper", &d1),
+        ("store", &d2),
+        ("rotating", &d4),
+        ("none", &d3),
+    ] {
         let log = d.log_text();
         assert!(log.contains("DEBUG"), "{name}: not a debug log: {log}");
         for s in &secrets {

@@ -271,7 +271,9 @@ impl Auth {
     }
 }
 
-/// The realm of challenge `c` (sent by `from`): an http(s) URL.
+/// The realm of challenge `c` (sent by `from`): an http(s) URL, and not
+/// plain `http://` when `from` is `https://`, since the realm gets the
+/// registry's credentials (Basic, or an identity token) in the clear.
 fn realm_url(c: &Challenge, from: &Url) -> Result<Url, Failure> {
     let bad = |problem: String| {
         Failure::fatal(BackendError::BadResponse {
@@ -283,6 +285,10 @@ fn realm_url(c: &Challenge, from: &Url) -> Result<Url, Failure> {
         .param("realm")
         .ok_or_else(|| bad("Bearer challenge without a realm".into()))?;
     match Url::parse(realm) {
+        Ok(u) if u.scheme() == "http" && from.scheme() == "https" => Err(bad(format!(
+            "token realm {:?} is plain http for an https registry",
+            u.origin().ascii_serialization()
+        ))),
         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(u),
         _ => {
             let shown = realm.split('?').next().unwrap_or_default();

@@ -395,3 +395,18 @@ fn an_oauth2_answer_without_access_token_is_a_bad_response() {
     assert!(matches!(e, BackendError::BadResponse { .. }), "{e}");
     server.join().unwrap();
 }
+
+#[test]
+fn an_https_registry_may_not_name_a_plain_http_token_realm() {
+    let challenge = |realm: &str| parse_challenges(&format!(r#"Bearer realm="{realm}""#)).remove(0);
+    let https = Url::parse("https://reg.example/v2/").unwrap();
+    let http = Url::parse("http://127.0.0.1:5000/v2/").unwrap();
+    let e = realm_url(&challenge("http://auth.example/token?x=secret"), &https).unwrap_err();
+    let shown = e.err.to_string();
+    assert!(shown.contains("plain http"), "{shown}");
+    assert!(!shown.contains("secret"), "no query in the error: {shown}");
+    assert!(realm_url(&challenge("https://auth.example/token"), &https).is_ok());
+    // A plain-http registry may name either.
+    assert!(realm_url(&challenge("http://127.0.0.1:5001/token"), &http).is_ok());
+    assert!(realm_url(&challenge("https://auth.example/token"), &http).is_ok());
+}

@@ -24,6 +24,7 @@
 //! See docs/BACKENDS.md.
 
 mod auth;
+mod clients;
 mod digest;
 pub mod proxy;
 mod ranges;

@@ -7,13 +7,14 @@
 //! never skipped, so its answer is the one a client sees when all failed.
 //!
 //! An endpoint client is a [`Registry`] per endpoint, repository and TLS
-//! settings, made on first use with the credentials Docker's config gives
+//! settings, kept a while (see [`super::clients`]), made with the credentials Docker's config gives
 //! for the endpoint's host (a credential helper runs here, on a worker
 //! thread), the proxy the environment names for its URL, and, for an
 //! `https://` endpoint, a TLS config with the hosts.toml `ca` files and
 //! `skip_verify` (made once per endpoint and settings; a CA file that does
 //! not load fails the endpoint, and is read again on its next use).
 
+use super::clients::{ClientKey, Clients, CLIENT_TTL};
 use super::proxy::ProxyEnv;
 use super::{digest, Registry, RegistryOptions, Tls};
 use crate::backend::{Backend, BackendError, EndpointStats};
@@ -46,7 +47,7 @@ pub struct RegistriesConfig {
 pub struct Registries {
     cfg: RegistriesConfig,
     /// Endpoint clients by (API root, repository, TLS settings).
-    clients: Mutex<HashMap<(String, String, Tls), Arc<Registry>>>,
+    clients: Mutex<Clients>,
     /// TLS configs by (API root, settings).
     tls: Mutex<HashMap<(String, Tls), Arc<rustls::ClientConfig>>>,
     /// Endpoints being skipped, until when.
@@ -68,7 +69,7 @@ impl Registries {
     pub fn new(cfg: RegistriesConfig) -> Registries {
         Registries {
             cfg,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Clients::default()),
             tls: Mutex::new(HashMap::new()),
             cooling: Mutex::new(HashMap::new()),
         }
@@ -95,38 +96,40 @@ impl Registries {
         Ok(cfg.endpoints)
     }
 
-    /// The client of endpoint `ep` for `r`'s repository, made on first use.
+    /// The client of endpoint `ep` for `r`'s repository: a kept one, or
+    /// one made now with the credentials Docker's config has now.
     fn client(&self, ep: &Endpoint, r: &Reference) -> Result<Arc<Registry>, BackendError> {
-        let tls = endpoint_tls(ep);
-        let key = (ep.url.to_string(), r.repository().to_owned(), tls.clone());
-        if let Some(c) = lock(&self.clients).get(&key) {
-            return Ok(c.clone());
+        let key = client_key(ep, r);
+        if let Some(c) = lock(&self.clients).get(&key, Instant::now()) {
+            return Ok(c);
         }
         let mut opts = self.cfg.options.clone();
-        opts.tls = self.tls_config(ep, &tls)?;
-        let authority = if ep.is_origin {
-            r.host().authority()
-        } else {
-            crate::reference::Host::parse(&authority_of(&ep.url))
-                .map(|h| h.authority())
-                .unwrap_or_default()
-        };
-        match self.credential(&authority) {
-            Some(Credential::Basic { user, password }) => {
+        opts.tls = self.tls_config(ep, &key.2)?;
+        let authority = credential_authority(ep, r);
+        // A client pulling anonymously because the lookup failed (a helper
+        // that timed out) is kept only as long as a failing endpoint is
+        // skipped, so the next lookup comes soon.
+        let mut ttl = CLIENT_TTL;
+        match self.cfg.credentials.lookup(&authority) {
+            Ok(Some(Credential::Basic { user, password })) => {
                 opts.credentials = Some((user, password));
             }
-            Some(Credential::IdentityToken(token)) => {
+            Ok(Some(Credential::IdentityToken(token))) => {
                 log::debug!("{authority}: using the identity token of Docker's config");
                 opts.identity_token = Some(token);
             }
-            None => {}
+            Ok(None) => {}
+            Err(e) => {
+                log::warn!("{authority}: credentials: {e}; pulling anonymously");
+                ttl = ttl.min(self.cfg.cool_down);
+            }
         }
         opts.proxy = self.cfg.proxy.for_url(&ep.url);
         opts.headers = ep.headers.clone();
         let client = Registry::endpoint(ep.url.clone(), r.repository(), &opts)
             .map_err(|e| config_error(format!("endpoint {}", ep.url), e))?;
         let client = Arc::new(client);
-        lock(&self.clients).insert(key, client.clone());
+        lock(&self.clients).insert(key, client.clone(), ttl, Instant::now());
         Ok(client)
     }
 
@@ -163,17 +166,6 @@ impl Registries {
                     log::info!("endpoint {}: trusting the CA file {}", ep.url, ca.display());
                 }
                 Ok(Some(e.insert(config).clone()))
-            }
-        }
-    }
-
-    /// What Docker's config has for `authority`, if anything.
-    fn credential(&self, authority: &str) -> Option<Credential> {
-        match self.cfg.credentials.lookup(authority) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("{authority}: credentials: {e}; pulling anonymously");
-                None
             }
         }
     }
@@ -222,6 +214,12 @@ impl Registries {
             };
             let missing = matches!(e, BackendError::NotFound);
             all_missing &= missing;
+            if matches!(e, BackendError::AccessDenied { .. }) {
+                // Its credentials were refused: the next call reads them
+                // again (a rotated password, a helper's new token).
+                lock(&self.clients).remove(&client_key(ep, &r));
+                self.cfg.credentials.forget(&credential_authority(ep, &r));
+            }
             if !missing && !matches!(e, BackendError::AccessDenied { .. }) && !final_try {
                 self.cool(ep);
             }
@@ -239,6 +237,26 @@ impl Registries {
             None => Err(BackendError::NotFound),
         }
     }
+}
+
+/// Whose credentials `ep` gets: the reference's host for the origin, the
+/// mirror's own host for a mirror.
+fn credential_authority(ep: &Endpoint, r: &Reference) -> String {
+    if ep.is_origin {
+        return r.host().authority();
+    }
+    crate::reference::Host::parse(&authority_of(&ep.url))
+        .map(|h| h.authority())
+        .unwrap_or_default()
+}
+
+/// The key of `ep`'s client for `r`'s repository.
+fn client_key(ep: &Endpoint, r: &Reference) -> ClientKey {
+    (
+        ep.url.to_string(),
+        r.repository().to_owned(),
+        endpoint_tls(ep),
+    )
 }
 
 /// The TLS settings hosts.toml gives endpoint `ep`: its `ca` and
@@ -338,7 +356,7 @@ impl Backend for Registries {
             return;
         };
         let digest = format!("sha256:{}", r.digest().hex());
-        for c in lock(&self.clients).values() {
+        for c in lock(&self.clients).live() {
             c.forget_whole(&digest);
         }
     }
@@ -351,21 +369,6 @@ impl Backend for Registries {
     }
 
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
-        let mut by_origin: HashMap<String, EndpointStats> = HashMap::new();
-        for c in lock(&self.clients).values() {
-            let s = c.stats();
-            let e = by_origin
-                .entry(s.endpoint.clone())
-                .or_insert_with(|| EndpointStats {
-                    endpoint: s.endpoint.clone(),
-                    ..Default::default()
-                });
-            e.ok += s.ok;
-            e.errors += s.errors;
-            e.bytes += s.bytes;
-        }
-        let mut all: Vec<EndpointStats> = by_origin.into_values().collect();
-        all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-        all
+        lock(&self.clients).stats()
     }
 }

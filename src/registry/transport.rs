@@ -2,8 +2,8 @@
 //! retrying with backoff, following redirects by hand, classifying answers
 //! into [`BackendError`]s, and copying a range's body into the cache file.
 //!
-//! One keep-alive [`ureq::Agent`] (ureq 3, blocking) is shared by all
-//! workers. The agent follows no redirects itself: [`Http::follow`] does, so
+//! One keep-alive [`ureq::Agent`] (ureq 3, blocking) per endpoint client
+//! is shared by all workers. The agent follows no redirects itself: [`Http::follow`] does, so
 //! that the Authorization header only ever goes to the registry's own origin
 //! (scheme, host and port) and never to the object store or CDN a blob is
 //! redirected to. Every URL put into an error or a log line has its query

@@ -258,7 +258,10 @@ fn interpret(name: &str, output: Output) -> Result<Option<Credential>, Credentia
         return Err(CredentialError::HelperFailed {
             helper: name.to_string(),
             status: output.status.to_string(),
+            // A line that opens a JSON object may be an answer, secret
+            // and all, from a helper that then failed: never shown.
             message: first_line(&stdout)
+                .filter(|l| !l.starts_with('{'))
                 .or_else(|| first_line(&stderr))
                 .unwrap_or_default(),
         });

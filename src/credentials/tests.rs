@@ -302,6 +302,11 @@ fn failing_helpers_are_errors() {
             "cat >/dev/null; printf '{\"Secret\": SECRETVALUE'",
         ),
         ("flood", "cat >/dev/null; yes SECRETVALUE | head -c 200000"),
+        (
+            "answerfails",
+            "cat >/dev/null; echo '{\"Username\":\"u\",\"Secret\":\"SECRETVALUE\"}'; \
+             echo 'store locked' >&2; exit 1",
+        ),
     ]);
     let lookup = |helper: &str| {
         parse(&format!(r#"{{"credsStore": "{helper}"}}"#))
@@ -324,6 +329,11 @@ fn failing_helpers_are_errors() {
     );
     assert!(status.contains('3'), "{status}");
     assert!(e.to_string().contains("docker-credential-fail"), "{e}");
+    let e = lookup("answerfails").to_string();
+    assert!(
+        e.contains("store locked") && !e.contains("SECRETVALUE"),
+        "{e}"
+    );
     for (helper, what) in [
         ("garbage", "not the expected JSON"),
         ("flood", "bytes of output"),

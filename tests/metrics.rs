@@ -169,3 +169,22 @@ fn idle_and_garbage_metrics_clients_delay_nothing() {
     assert_eq!(value(&m, "blobmgr_requests_total", &noop), 200.0);
     drop(idle);
 }
+
+#[test]
+fn a_full_listener_makes_room_and_never_shuts_out_another() {
+    let s = setup();
+    // More idle TCP connections than a listener has slots (64).
+    let tcp: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(("127.0.0.1", s.tcp)).expect("idle connect"))
+        .collect();
+    // The Unix socket has slots of its own.
+    let m = scrape_stream(UnixStream::connect(&s.unix).unwrap());
+    assert!(value(&m, "blobmgr_requests_total", &[("op", "noop")]) >= 0.0);
+    // Its own idle connections make room for a scrape instead of refusing it.
+    let unix: Vec<UnixStream> = (0..70)
+        .map(|_| UnixStream::connect(&s.unix).expect("idle connect"))
+        .collect();
+    scrape_stream(UnixStream::connect(&s.unix).unwrap());
+    scrape_stream(TcpStream::connect(("127.0.0.1", s.tcp)).unwrap());
+    drop((tcp, unix));
+}

@@ -3,7 +3,11 @@
 //! touches the reactor: it renders from atomics. Requests are parsed by
 //! `httparse` under strict limits (request size, header count, idle time,
 //! connection count), so a slow, idle or garbage-sending client costs this
-//! thread a slot and nothing else.
+//! thread a slot and nothing else. Each listener has its own slots, so a
+//! flood on a TCP address never shuts out the local Unix socket that
+//! `blobmgr status` and `blobmgr upgrade` use; when a listener's slots are
+//! full, its connection idle longest is closed for the new one, so idle
+//! connections delay a scrape instead of refusing it.
 
 use crate::listener::Listener;
 use mio::net::{TcpListener, TcpStream, UnixStream};
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Connections served at once; more are accepted and closed.
+/// Connections served at once per listener.
 const MAX_CONNS: usize = 64;
 /// Largest request (line and headers) accepted.
 const MAX_REQUEST: usize = 8192;
@@ -105,6 +109,8 @@ impl Stream {
 
 struct Client {
     stream: Stream,
+    /// Index of the acceptor it came from.
+    listener: usize,
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
@@ -233,9 +239,7 @@ impl Endpoint {
                     return;
                 }
             };
-            if self.clients.len() >= MAX_CONNS {
-                continue; // dropped: closed at once
-            }
+            self.make_room(i);
             let entry = self.clients.vacant_entry();
             let token = Token(FIRST_CONN + entry.key());
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -247,6 +251,7 @@ impl Endpoint {
             {
                 entry.insert(Client {
                     stream,
+                    listener: i,
                     input: Vec::new(),
                     output: Vec::new(),
                     written: 0,
@@ -254,6 +259,18 @@ impl Endpoint {
                     close_after: false,
                 });
             }
+        }
+    }
+
+    /// Closes listener `i`'s connection idle longest (the earliest
+    /// deadline) if its slots are full.
+    fn make_room(&mut self, i: usize) {
+        let mine = || self.clients.iter().filter(|(_, c)| c.listener == i);
+        if mine().count() < MAX_CONNS {
+            return;
+        }
+        if let Some(key) = mine().min_by_key(|(_, c)| c.deadline).map(|(k, _)| k) {
+            self.close(key);
         }
     }
 

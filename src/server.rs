@@ -54,7 +54,8 @@ pub struct ServerConfig {
     pub max_inflight: usize,
     /// Queued reply bytes per connection before reading pauses.
     pub max_output: usize,
-    /// Open tokens per connection; GetBlob beyond it answers EMFILE.
+    /// Open tokens per connection; a GetBlob beyond it retires the
+    /// connection's least recently used token (never EMFILE: CONTRACT.md).
     pub max_tokens: usize,
     /// A backend call (open or fill job) running longer than this is
     /// abandoned: its requests fail and a replacement worker is started.

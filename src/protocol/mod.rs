@@ -76,7 +76,9 @@ pub enum Errno {
     Access = 13,
     /// The id is not a valid blob id.
     Inval = 22,
-    /// The connection holds too many tokens.
+    /// Too many open files. This daemon never answers it (past its token
+    /// limit a connection's oldest token is retired instead); a client
+    /// decodes it from other servers of the protocol.
     MFile = 24,
 }
 

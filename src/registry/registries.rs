@@ -239,13 +239,20 @@ impl Registries {
     }
 }
 
-/// Whose credentials `ep` gets: the reference's host for the origin, the
-/// mirror's own host for a mirror.
+/// Whose credentials `ep` gets: the reference's host for its default
+/// origin (so Docker Hub's keys work for `registry-1.docker.io`), else the
+/// endpoint's own host (a mirror, or a hosts.toml `server` elsewhere), as
+/// containerd does, so a host's credentials never go to another host.
 fn credential_authority(ep: &Endpoint, r: &Reference) -> String {
-    if ep.is_origin {
+    let own = authority_of(&ep.url);
+    let default = default_config(r.host())
+        .endpoints
+        .first()
+        .map(|d| authority_of(&d.url));
+    if ep.is_origin && default.as_deref() == Some(own.as_str()) {
         return r.host().authority();
     }
-    crate::reference::Host::parse(&authority_of(&ep.url))
+    crate::reference::Host::parse(&own)
         .map(|h| h.authority())
         .unwrap_or_default()
 }
@@ -370,5 +377,59 @@ impl Backend for Registries {
 
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
         lock(&self.clients).stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(url: &str, is_origin: bool) -> Endpoint {
+        let mut ep = default_config(&crate::reference::Host::parse("x.example").unwrap())
+            .endpoints
+            .remove(0);
+        ep.url = url::Url::parse(url).unwrap();
+        ep.is_origin = is_origin;
+        ep
+    }
+
+    #[test]
+    fn credentials_are_those_of_the_host_an_endpoint_is_on() {
+        let hex = "a".repeat(64);
+        let r = |s: &str| Reference::parse(&format!("{s}@sha256:{hex}")).unwrap();
+        let hub = r("docker.io/library/alpine");
+        let own = r("reg.example:5000/app");
+        for (ep, reference, want) in [
+            // Default origins: the reference's host (Docker Hub's key).
+            (
+                endpoint("https://registry-1.docker.io/v2", true),
+                &hub,
+                "docker.io",
+            ),
+            (
+                endpoint("https://reg.example:5000/v2", true),
+                &own,
+                "reg.example:5000",
+            ),
+            // A `server` on another host: that host's, never the reference's.
+            (
+                endpoint("https://other.example/v2", true),
+                &own,
+                "other.example",
+            ),
+            (
+                endpoint("https://proxy.example:8443/v2", true),
+                &hub,
+                "proxy.example:8443",
+            ),
+            // A mirror: its own.
+            (
+                endpoint("http://127.0.0.1:5001/v2", false),
+                &own,
+                "127.0.0.1:5001",
+            ),
+        ] {
+            assert_eq!(credential_authority(&ep, reference), want, "{}", ep.url);
+        }
     }
 }

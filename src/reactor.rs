@@ -106,6 +106,48 @@ pub struct Reactor {
     /// Handing over to a new process: no accepting, no reading; what was
     /// read is answered, then every connection is closed.
     draining: bool,
+    /// Warnings about clients (refused, malformed) allowed now. (Thirteen
+    /// fields: each is the reactor's own state, read on every turn.)
+    warnings: LogBudget,
+}
+
+/// Warnings the reactor writes about clients, at most [`Self::PER_SECOND`]
+/// a second: a client that connects and misbehaves in a loop would
+/// otherwise have the reactor writing to stderr (a pipe to a journal that
+/// may block) for every connection. What is left out is counted and said
+/// once the second is over; the metrics count every event anyway.
+struct LogBudget {
+    since: Instant,
+    written: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 100;
+
+    fn new(now: Instant) -> LogBudget {
+        LogBudget {
+            since: now,
+            written: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a warning may be written at `now`.
+    fn allow(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.since) >= Duration::from_secs(1) {
+            if self.dropped > 0 {
+                log::warn!("{} more warnings about clients left out", self.dropped);
+            }
+            *self = LogBudget::new(now);
+        }
+        if self.written < Self::PER_SECOND {
+            self.written += 1;
+            return true;
+        }
+        self.dropped += 1;
+        false
+    }
 }
 
 impl Reactor {
@@ -130,6 +172,7 @@ impl Reactor {
             accept_paused_until: None,
             metrics,
             draining: false,
+            warnings: LogBudget::new(Instant::now()),
         })
     }
 
@@ -235,15 +278,19 @@ impl Reactor {
         };
         if !self.limits.allow_uids.contains(&peer.uid) {
             self.metrics.conns.refused.bump();
-            log::warn!("refused connection from {peer}: uid not allowed");
+            if self.warnings.allow(Instant::now()) {
+                log::warn!("refused connection from {peer}: uid not allowed");
+            }
             return;
         }
         if self.conns.len() >= self.limits.max_conns {
             self.metrics.conns.refused.bump();
-            log::warn!(
-                "refused connection from {peer}: {} connections open (--max-conns)",
-                self.conns.len()
-            );
+            if self.warnings.allow(Instant::now()) {
+                log::warn!(
+                    "refused connection from {peer}: {} connections open (--max-conns)",
+                    self.conns.len()
+                );
+            }
             return;
         }
         let entry = self.conns.vacant_entry();
@@ -451,18 +498,20 @@ impl Reactor {
     fn close(&mut self, key: usize, why: Option<ConnError>, svc: &mut Service) {
         let slot = self.conns.remove(key);
         let _ = self.registrar.deregister(slot.conn.stream().as_fd());
-        log_close(&slot, why.as_ref(), &self.metrics);
+        log_close(&slot, why.as_ref(), &self.metrics, &mut self.warnings);
         self.metrics.conns.open.set(self.conns.len() as u64);
         svc.close_session(slot.id);
     }
 }
 
-fn log_close(slot: &Slot, why: Option<&ConnError>, metrics: &Metrics) {
+fn log_close(slot: &Slot, why: Option<&ConnError>, metrics: &Metrics, warnings: &mut LogBudget) {
     let peer = slot.conn.peer();
     match why {
         Some(e @ ConnError::Protocol(_)) => {
             metrics.conns.closed_malformed.bump();
-            log::warn!("closing connection from {peer}: {e}");
+            if warnings.allow(Instant::now()) {
+                log::warn!("closing connection from {peer}: {e}");
+            }
         }
         Some(e) => log::info!("closing connection from {peer}: {e}"),
         None => log::debug!("connection from {peer} closed by peer"),
@@ -476,5 +525,24 @@ impl Drop for Reactor {
         }
         let _ = self.registrar.deregister(self.listener.inner().as_fd());
         // The listener's own Drop removes the socket file after this.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_about_clients_are_bounded_per_second() {
+        let t0 = Instant::now();
+        let mut b = LogBudget::new(t0);
+        let allowed = (0..1000).filter(|_| b.allow(t0)).count();
+        assert_eq!(allowed, LogBudget::PER_SECOND as usize);
+        assert_eq!(b.dropped, 1000 - allowed as u64);
+        let later = t0 + Duration::from_millis(999);
+        assert!(!b.allow(later), "still the same second");
+        let next = t0 + Duration::from_secs(1);
+        assert!(b.allow(next), "a new second");
+        assert_eq!((b.written, b.dropped), (1, 0));
     }
 }

@@ -191,6 +191,28 @@ fn invalid_headers_close_only_their_connection() {
 }
 
 #[test]
+fn a_flood_of_malformed_connections_is_not_a_flood_of_log_lines() {
+    let d = Daemon::start(&[]);
+    let t0 = std::time::Instant::now();
+    let n = 1000;
+    for _ in 0..n {
+        let mut bad = d.raw();
+        let _ = bad.send_bytes(&header(1, 3, NEED, 0));
+        assert!(bad.is_closed(Duration::from_secs(10)), "not closed");
+    }
+    let secs = t0.elapsed().as_secs() as usize;
+    // The daemon is still served, and what it logged is the budget: at
+    // most 100 lines a second (plus one "left out" line a second).
+    assert_eq!(d.raw().call(&Request::Noop), Reply::Noop);
+    let lines = malformed_lines(&d);
+    assert!(lines >= 100.min(n), "{lines} lines");
+    assert!(
+        lines <= 100 * (secs + 1),
+        "{lines} warn lines for {n} malformed connections in {secs} s"
+    );
+}
+
+#[test]
 fn stalled_half_headers_do_not_delay_others() {
     let d = Daemon::start(&[]);
     let mut stalled = Vec::new();

@@ -24,6 +24,23 @@ pub struct Listener {
     ident: Option<(u64, u64)>,
 }
 
+/// Whether someone listens on the socket at `path`: `Ok` if so (a full
+/// backlog counts: the connect would block, so it is made nonblocking and
+/// a daemon too busy to accept never hangs this one's start),
+/// `ConnectionRefused` if nobody does.
+fn probe(path: &Path) -> io::Result<()> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINPROGRESS) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
@@ -43,8 +60,8 @@ impl Listener {
                     ),
                 ))
             }
-            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
+            Ok(_) => match probe(path) {
+                Ok(()) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
                         format!("a daemon is already serving on {}", path.display()),
@@ -215,6 +232,51 @@ mod tests {
         let _l2 = Listener::bind(&p, 0o600, None, 128).unwrap();
         fs::write(d.path().join("plain"), b"x").unwrap();
         assert!(Listener::bind(&d.path().join("plain"), 0o600, None, 128).is_err());
+    }
+
+    #[test]
+    fn a_live_daemon_with_a_full_backlog_is_refused_not_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("busy.sock");
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::bind(fd.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
+        socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        // Fill the backlog: nonblocking connects until one would block.
+        let mut queued = Vec::new();
+        loop {
+            let c = socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match socket::connect(c.as_raw_fd(), &UnixAddr::new(&p).unwrap()) {
+                Ok(()) => queued.push(c),
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => panic!("connect: {e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                Listener::bind(&p2, 0o600, None, 128)
+                    .err()
+                    .map(|e| e.kind()),
+            );
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(got, Ok(Some(io::ErrorKind::AddrInUse)), "no hang, no theft");
+        assert!(p.exists());
+        drop((fd, queued));
     }
 
     #[test]

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// Default time a failing endpoint is skipped.
 pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(30);
 
+/// Cool-downs kept before ended ones are swept out.
+const MAX_COOLING: usize = 256;
+
 /// How the reference backend reaches registries.
 pub struct RegistriesConfig {
     /// `--hosts-dir`: containerd's certs.d layout; `None`: defaults only.
@@ -184,8 +187,14 @@ impl Registries {
     }
 
     fn cool(&self, ep: &Endpoint) {
-        let until = Instant::now() + self.cfg.cool_down;
-        lock(&self.cooling).insert(ep.url.to_string(), until);
+        let now = Instant::now();
+        let mut map = lock(&self.cooling);
+        // Clients name the hosts: past ended cool-downs are dropped so
+        // the map holds only the endpoints skipped now.
+        if map.len() >= MAX_COOLING {
+            map.retain(|_, until| *until > now);
+        }
+        map.insert(ep.url.to_string(), now + self.cfg.cool_down);
     }
 
     /// Runs `op` on each endpoint of `id` until one succeeds; see the
@@ -391,6 +400,21 @@ mod tests {
         ep.url = url::Url::parse(url).unwrap();
         ep.is_origin = is_origin;
         ep
+    }
+
+    #[test]
+    fn ended_cool_downs_are_swept_out() {
+        let regs = Registries::new(RegistriesConfig {
+            hosts: None,
+            credentials: Credentials::none(),
+            options: RegistryOptions::default(),
+            proxy: ProxyEnv::default(),
+            cool_down: Duration::ZERO,
+        });
+        for i in 0..3 * MAX_COOLING {
+            regs.cool(&endpoint(&format!("https://h{i}.example/v2"), false));
+        }
+        assert!(lock(&regs.cooling).len() <= MAX_COOLING, "bounded");
     }
 
     #[test]

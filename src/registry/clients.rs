@@ -19,6 +19,12 @@ pub const CLIENT_TTL: Duration = DEFAULT_CACHE_TTL;
 /// the least recently used one is dropped.
 pub const MAX_CLIENTS: usize = 32;
 
+/// Endpoints whose dropped clients' counters are kept apart.
+const MAX_RETIRED: usize = 256;
+
+/// The endpoint label of the counters of every endpoint past [`MAX_RETIRED`].
+pub const OTHER_ENDPOINTS: &str = "other";
+
 /// A client's key: (API root, repository, TLS settings).
 pub type ClientKey = (String, String, Tls);
 
@@ -79,7 +85,13 @@ impl Clients {
         let Some(k) = self.live.remove(key) else {
             return;
         };
-        add(&mut self.retired, k.client.stats());
+        let mut s = k.client.stats();
+        // Clients name the hosts: the counters of dropped clients are kept
+        // by endpoint for as many endpoints as a host uses, then together.
+        if self.retired.len() >= MAX_RETIRED && !self.retired.contains_key(&s.endpoint) {
+            s.endpoint = OTHER_ENDPOINTS.into();
+        }
+        add(&mut self.retired, s);
     }
 
     /// Every kept client.
@@ -165,5 +177,18 @@ mod tests {
             "the newest is kept"
         );
         assert_eq!(c.stats()[0].ok, 4, "a.example's calls survive its eviction");
+
+        // Endpoints past the bound share one entry.
+        for i in 0..2 * MAX_RETIRED {
+            let (k, r) = client(&format!("h{i}.example"), "x", 1);
+            c.insert(k.clone(), r, CLIENT_TTL, t0);
+            c.remove(&k);
+        }
+        let s = c.stats();
+        assert!(s.len() <= MAX_RETIRED + 1 + MAX_CLIENTS, "{}", s.len());
+        let other = s.iter().find(|e| e.endpoint == OTHER_ENDPOINTS).unwrap();
+        let total: u64 = s.iter().map(|e| e.ok).sum();
+        assert_eq!(total, 4 + 2 * MAX_RETIRED as u64, "no call lost");
+        assert!(other.ok > 0);
     }
 }

@@ -29,16 +29,21 @@ pub struct Listener {
 /// a daemon too busy to accept never hangs this one's start),
 /// `ConnectionRefused` if nobody does.
 fn probe(path: &Path) -> io::Result<()> {
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let fd = unix_stream_socket()?;
     match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
         Ok(()) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINPROGRESS) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// A new nonblocking, close-on-exec `AF_UNIX` stream socket.
+fn unix_stream_socket() -> nix::Result<OwnedFd> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
 }
 
 fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
@@ -92,12 +97,7 @@ impl Listener {
             .map_err(|e| ctx("create", &private, e))?;
         let tmp = private.join("sock");
         let result = (|| {
-            let fd = socket::socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                None,
-            )?;
+            let fd = unix_stream_socket()?;
             let addr = UnixAddr::new(&tmp)?;
             socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
                 .map_err(|e| ctx("bind", path, e.into()))?;

@@ -71,6 +71,17 @@ fn start(o: Opts) -> Daemon {
 }
 
 /// One FetchRange of the whole blob, then its sha256 checked.
+/// A daemon reading Docker's config `cfg`, with `helper` first on `PATH`.
+fn start_with_config(cfg: PathBuf, helper: &CredHelper) -> Daemon {
+    start(
+        Opts {
+            docker_config: Some(cfg),
+            ..Opts::default()
+        }
+        .env("PATH", &helper.path_env()),
+    )
+}
+
 fn pull_whole(raw: &mut Raw, b: &Blob, expect: &[u8]) {
     assert_eq!(b.size(), expect.len() as u64);
     raw.fetch_check(b, expect, 0, expect.len() as u64);
@@ -305,13 +316,7 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
         .auth(&r1.host(), "alice", PW_ALICE)
         .cred_helper(&r2.host(), "blobtest")
         .write(&cfgs.path().join("helpers"));
-    let d1 = start(
-        Opts {
-            docker_config: Some(cfg),
-            ..Opts::default()
-        }
-        .env("PATH", &helper.path_env()),
-    );
+    let d1 = start_with_config(cfg, &helper);
     let mut raw = d1.raw();
     let b = raw.open_ok(&id1);
     pull_whole(&mut raw, &b, &one);
@@ -330,13 +335,7 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
         .auth(&r1.host(), "alice", PW_WRONG)
         .creds_store("blobstore")
         .write(&cfgs.path().join("store"));
-    let d2 = start(
-        Opts {
-            docker_config: Some(cfg),
-            ..Opts::default()
-        }
-        .env("PATH", &store.path_env()),
-    );
+    let d2 = start_with_config(cfg, &store);
     let mut raw = d2.raw();
     assert_eq!(raw.open(1, &id1).err(), Some(EACCES), "refused credentials");
     let b = raw.open_ok(&id2);
@@ -349,13 +348,7 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
     let cfg = DockerConfig::new()
         .cred_helper(&r1.host(), "blobrot")
         .write(&cfgs.path().join("rotating"));
-    let d4 = start(
-        Opts {
-            docker_config: Some(cfg),
-            ..Opts::default()
-        }
-        .env("PATH", &rot.path_env()),
-    );
+    let d4 = start_with_config(cfg, &rot);
     let mut raw = d4.raw();
     assert_eq!(raw.open(1, &id1).err(), Some(EACCES), "the old password");
     let rotated = CredHelper::write("blobrot", &[(&r1.host(), "alice", PW_ALICE)]);

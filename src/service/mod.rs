@@ -17,7 +17,7 @@ use crate::protocol::{Errno, Message, Reply, Request};
 use crate::source::{Source, Sources};
 use fetch::PendingFetch;
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +64,16 @@ enum Deletion {
     Stuck,
 }
 
+/// Why a GetBlob of an id that is not open fails at once instead of
+/// waiting: a worker past the backend timeout still works on its files.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stuck {
+    /// Its evicted files are being deleted.
+    Delete,
+    /// An abandoned open: it may still size or truncate the files.
+    Open,
+}
+
 /// The request service. See the module docs.
 pub struct Service {
     sources: Arc<Sources>,
@@ -75,6 +85,9 @@ pub struct Service {
     fetches: Slab<PendingFetch>,
     opening: HashMap<String, Vec<PendingOpen>>,
     deleting: HashMap<String, Deletion>,
+    /// Ids an abandoned Open job still works on: exclusive until it
+    /// returns, so no second open can race its truncation of the files.
+    stuck_opens: HashSet<String>,
     outbox: Vec<Output>,
     metrics: Arc<Metrics>,
 }
@@ -86,6 +99,18 @@ fn session(sessions: &mut [Option<Session>], conn: ConnId) -> Option<&mut Sessio
         .get_mut(conn.key())?
         .as_mut()
         .filter(|s| s.conn == conn)
+}
+
+/// Whether a stuck worker still holds blob `id`'s files (`deletion`: its
+/// entry in `deleting`; `stuck_opens`: ids of abandoned opens).
+fn stuck(stuck_opens: &HashSet<String>, id: &str, deletion: Option<Deletion>) -> Option<Stuck> {
+    if deletion == Some(Deletion::Stuck) {
+        Some(Stuck::Delete)
+    } else if stuck_opens.contains(id) {
+        Some(Stuck::Open)
+    } else {
+        None
+    }
 }
 
 impl Service {
@@ -109,6 +134,7 @@ impl Service {
             fetches: Slab::new(),
             opening: HashMap::new(),
             deleting: HashMap::new(),
+            stuck_opens: HashSet::new(),
             outbox: Vec::new(),
             metrics,
         }
@@ -244,8 +270,12 @@ impl Service {
             return self.answer_get_blob(conn, tag, generation, key, source);
         }
         let deletion = self.deleting.get(&id).copied();
-        if deletion == Some(Deletion::Stuck) {
-            log::info!("GetBlob {id}: its evicted files are still being deleted");
+        if let Some(stuck) = stuck(&self.stuck_opens, &id, deletion) {
+            let why = match stuck {
+                Stuck::Delete => "its evicted files are still being deleted",
+                Stuck::Open => "an open of it is still stuck in the backend",
+            };
+            log::info!("GetBlob {id}: {why}");
             return self.refuse_blob(conn, tag, Errno::Io);
         }
         s.waiting += 1;
@@ -326,7 +356,7 @@ impl Service {
         };
         match f.kind {
             JobKind::Open { id: blob_id, .. } if !f.late => self.opened(blob_id, outcome),
-            JobKind::Open { .. } => {}
+            JobKind::Open { id: blob_id, .. } => self.opened_late(blob_id, outcome),
             kind @ JobKind::Fill { .. } => self.filled(id, kind, f.waiters, f.late, outcome),
             JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
             JobKind::Checkpoint { blob } => {
@@ -356,6 +386,21 @@ impl Service {
                 Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key, w.source),
                 Err(errno) => self.refuse_blob(w.conn, w.tag, errno),
             }
+        }
+    }
+
+    /// An abandoned open returned: its id may be opened again. Its waiters
+    /// were answered long ago; a blob it did open is kept (no other open of
+    /// the id ran meanwhile), so the next GetBlob is a hit.
+    fn opened_late(&mut self, blob_id: String, outcome: Option<JobOutput>) {
+        self.stuck_opens.remove(&blob_id);
+        match outcome {
+            Some(JobOutput::Opened(Ok(blob))) => {
+                self.index.insert(blob);
+                log::info!("GetBlob {blob_id}: the late open returned; the blob is open");
+            }
+            Some(JobOutput::Opened(Err(e))) => log::info!("GetBlob {blob_id} (late): {e}"),
+            _ => {}
         }
     }
 
@@ -406,7 +451,12 @@ impl Service {
                 self.start_evictions();
                 return self.jobs.fills_of(key, id);
             }
-            JobKind::Open { id: blob_id, .. } => self.fail_opens(&blob_id),
+            JobKind::Open { id: blob_id, .. } => {
+                // Exclusive until the stuck worker really returns: a second
+                // open would race its sizing (set_len) of the same files.
+                self.stuck_opens.insert(blob_id.clone());
+                self.fail_opens(&blob_id);
+            }
             JobKind::Delete { id: blob_id } => {
                 // Exclusive until the stuck worker really returns.
                 self.deleting.insert(blob_id.clone(), Deletion::Stuck);

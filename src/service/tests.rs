@@ -367,3 +367,45 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
         h.svc.job_done(id, Some(h.runner.run(kind)));
     }
 }
+
+/// Review finding: an Open job abandoned at the backend timeout dropped its
+/// id from `opening`, so the next GetBlob started a second Open while the
+/// first was still running; the late one could then size the data file to
+/// zero under granules the second had filled. The id now stays exclusive
+/// (GetBlob answers EIO, no Open starts) until the late Open returns.
+#[test]
+fn an_abandoned_open_keeps_its_blob_exclusive_until_it_returns() {
+    let mut h = Harness::new(&[("a", 8192)], None);
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    let (open, kind) = h.svc.take_jobs().next().expect("an open job");
+    assert!(matches!(kind, JobKind::Open { .. }));
+    // The open hangs past the timeout: its GetBlob fails now.
+    h.svc.job_expired(open, Duration::from_secs(1));
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // A GetBlob meanwhile fails at once and starts no second open.
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    assert!(
+        h.svc.take_jobs().next().is_none(),
+        "no second open while the first is stuck"
+    );
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // The stuck open returns: its blob is kept and served without another.
+    let out = h.runner.run(kind);
+    h.svc.job_done(open, Some(out));
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    assert!(h.svc.take_jobs().next().is_none(), "a hit");
+    let r = h.replies();
+    assert!(matches!(r.as_slice(), [(t, Reply::GetBlob { result: 0, .. })] if *t == tag));
+}
+
+/// A late open that failed leaves the id free for a new one.
+#[test]
+fn a_failed_late_open_lets_the_next_getblob_open_again() {
+    let mut h = Harness::new(&[("a", 8192)], None);
+    h.send(Request::get_blob(1, "a").unwrap(), true);
+    let (open, _) = h.svc.take_jobs().next().expect("an open job");
+    h.svc.job_expired(open, Duration::from_secs(1));
+    h.replies();
+    h.svc.job_done(open, None);
+    assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
+}

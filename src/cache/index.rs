@@ -71,6 +71,9 @@ struct Hung {
 struct ColdBlob {
     bytes: u64,
     last_used: u64,
+    /// An open of it is in flight: its bytes stay counted (the files are on
+    /// disk) but it is not evicted under the opening worker.
+    opening: bool,
 }
 
 /// The table of cached blobs. See the module docs.
@@ -105,7 +108,14 @@ impl Index {
                 used += bytes;
                 clock += 1;
                 let last_used = clock;
-                cold.insert(id, ColdBlob { bytes, last_used });
+                cold.insert(
+                    id,
+                    ColdBlob {
+                        bytes,
+                        last_used,
+                        opening: false,
+                    },
+                );
             }
         }
         Index {
@@ -166,11 +176,29 @@ impl Index {
         key
     }
 
-    /// A blob on disk is being opened: it stops being an eviction candidate
-    /// (its bytes are counted again by [`Index::insert`]).
-    pub fn forget_cold(&mut self, id: &str) {
+    /// The blob's bytes stop counting as a cold blob's: it is open now
+    /// ([`Index::insert`] counts its ready bytes instead).
+    fn forget_cold(&mut self, id: &str) {
         if let Some(c) = self.cold.remove(id) {
-            self.used -= c.bytes;
+            self.used -= c.bytes.min(self.used);
+        }
+    }
+
+    /// An open of blob `id` starts: if it is a cold blob, it stops being an
+    /// eviction candidate while the open runs, but its bytes stay counted
+    /// until [`Index::insert`] counts them as an open blob's.
+    pub fn cold_opening(&mut self, id: &str) {
+        if let Some(c) = self.cold.get_mut(id) {
+            c.opening = true;
+        }
+    }
+
+    /// The open of blob `id` failed (or was dropped, or returned after it
+    /// was abandoned without a blob): a cold blob's files are still on
+    /// disk, counted, and may be evicted again.
+    pub fn open_failed(&mut self, id: &str) {
+        if let Some(c) = self.cold.get_mut(id) {
+            c.opening = false;
         }
     }
 

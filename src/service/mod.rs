@@ -296,7 +296,7 @@ impl Service {
     }
 
     fn start_open(&mut self, id: String, source: Source) {
-        self.index.forget_cold(&id);
+        self.index.cold_opening(&id);
         self.jobs.start(JobKind::Open { id, source });
         self.publish();
     }
@@ -377,6 +377,9 @@ impl Service {
             }
             _ => Err(Errno::Io),
         };
+        if result.is_err() {
+            self.index.open_failed(&blob_id);
+        }
         for w in waiters {
             let Some(s) = session(&mut self.sessions, w.conn) else {
                 continue;
@@ -399,8 +402,11 @@ impl Service {
                 self.index.insert(blob);
                 log::info!("GetBlob {blob_id}: the late open returned; the blob is open");
             }
-            Some(JobOutput::Opened(Err(e))) => log::info!("GetBlob {blob_id} (late): {e}"),
-            _ => {}
+            Some(JobOutput::Opened(Err(e))) => {
+                log::info!("GetBlob {blob_id} (late): {e}");
+                self.index.open_failed(&blob_id);
+            }
+            _ => self.index.open_failed(&blob_id),
         }
     }
 

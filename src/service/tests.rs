@@ -20,6 +20,16 @@ const CONN: fn() -> ConnId = || ConnId::new(1, 0);
 impl Harness {
     /// A service over blobs `(name, size)` in a local backend, granule 4 KiB.
     fn new(blobs: &[(&str, usize)], limit: Option<u64>) -> Harness {
+        Harness::with_leftovers(blobs, limit, &[])
+    }
+
+    /// [`Harness::new`] over a work dir where a previous run left the data
+    /// files `(name, size)` (and no maps).
+    fn with_leftovers(
+        blobs: &[(&str, usize)],
+        limit: Option<u64>,
+        leftovers: &[(&str, usize)],
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let be_dir = dir.path().join("be");
         std::fs::create_dir(&be_dir).unwrap();
@@ -32,6 +42,9 @@ impl Harness {
         cfg.max_job = 8192;
         cfg.limit = limit;
         cfg.prepare().unwrap();
+        for (name, size) in leftovers {
+            std::fs::write(cfg.data_dir().join(name), vec![1u8; *size]).unwrap();
+        }
         let cfg = Arc::new(cfg);
         let backend: Arc<dyn crate::backend::Backend> = Arc::new(LocalFs::new(be_dir));
         let sources = Arc::new(Sources::new(backend, None, Default::default()));
@@ -408,4 +421,43 @@ fn a_failed_late_open_lets_the_next_getblob_open_again() {
     h.replies();
     h.svc.job_done(open, None);
     assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
+}
+
+/// Review finding: opening a cold blob (files left by an earlier run) took
+/// its bytes out of the accounting before the open ran, and a failed open
+/// never put them back: its files stayed on disk, uncounted by
+/// --cache-size and never evicted. Now they stay counted and evictable.
+#[test]
+fn a_cold_blob_whose_open_fails_stays_counted_and_evictable() {
+    // "gone" is on disk but no longer in the backend, and has no map.
+    let mut h = Harness::with_leftovers(&[("a", 8192)], Some(10_000), &[("gone", 8192)]);
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+    assert_eq!(h.get_blob("gone"), Reply::blob_error(Errno::NoEnt));
+    assert_eq!(h.svc.index().used_bytes(), 8192, "still counted");
+    // Filling "a" goes over the limit: the cold blob is the one evicted.
+    let t = h.token("a");
+    h.fetch(t, 0, 8192);
+    let (fill, kind) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_done(fill, Some(h.runner.run(kind)));
+    let deletes: Vec<_> = h
+        .svc
+        .take_jobs()
+        .filter(|(_, k)| matches!(k, JobKind::Delete { id } if id == "gone"))
+        .collect();
+    assert_eq!(deletes.len(), 1, "the cold blob is evicted");
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+}
+
+/// A cold blob whose open was abandoned is not evicted under the stuck
+/// worker, and is counted (and evictable) again once it returns failed.
+#[test]
+fn a_cold_blob_is_not_evicted_while_its_open_is_stuck() {
+    let mut h = Harness::with_leftovers(&[], Some(1 << 20), &[("gone", 8192)]);
+    h.send(Request::get_blob(1, "gone").unwrap(), true);
+    let (open, _) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_expired(open, Duration::from_secs(1));
+    h.replies();
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+    h.svc.job_done(open, None);
+    assert_eq!(h.svc.index().used_bytes(), 8192);
 }

@@ -86,7 +86,7 @@ pub struct Index {
     used: u64,
     clock: u64,
     /// Ids whose files are to be deleted (see [`Index::take_evictions`]).
-    evicted: Vec<String>,
+    evicted: Vec<(String, u64)>,
     /// Blobs evicted since start, by cause.
     evictions: Evictions,
     /// The free-space watermark, if one is kept.
@@ -224,8 +224,26 @@ impl Index {
 
     /// Ids whose files must be deleted, chosen since the last call. Until
     /// the deletion is done, the caller must not open these ids again.
-    pub fn take_evictions(&mut self) -> Vec<String> {
+    /// Each comes with the bytes it was counted for, to give back with
+    /// [`Index::delete_failed`] if its files stay.
+    pub fn take_evictions(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.evicted)
+    }
+
+    /// The delete of evicted blob `id` (counted for `bytes`) never ran or
+    /// failed: its files may still be on disk, so it is counted again, as
+    /// a cold blob first in line for the next eviction.
+    pub fn delete_failed(&mut self, id: &str, bytes: u64) {
+        if self.by_id.contains_key(id) || self.cold.contains_key(id) {
+            return;
+        }
+        self.used += bytes;
+        let cold = ColdBlob {
+            bytes,
+            last_used: 0,
+            opening: false,
+        };
+        self.cold.insert(id.to_owned(), cold);
     }
 
     /// Blobs evicted since start, by cause.

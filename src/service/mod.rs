@@ -84,7 +84,9 @@ pub struct Service {
     sessions: Vec<Option<Session>>,
     fetches: Slab<PendingFetch>,
     opening: HashMap<String, Vec<PendingOpen>>,
-    deleting: HashMap<String, Deletion>,
+    /// Evicted blobs whose files are being deleted, with the bytes they
+    /// were counted for.
+    deleting: HashMap<String, (Deletion, u64)>,
     /// Ids an abandoned Open job still works on: exclusive until it
     /// returns, so no second open can race its truncation of the files.
     stuck_opens: HashSet<String>,
@@ -269,7 +271,7 @@ impl Service {
         if let Some(key) = self.index.lookup(&id) {
             return self.answer_get_blob(conn, tag, generation, key, source);
         }
-        let deletion = self.deleting.get(&id).copied();
+        let deletion = self.deleting.get(&id).map(|&(d, _)| d);
         if let Some(stuck) = stuck(&self.stuck_opens, &id, deletion) {
             let why = match stuck {
                 Stuck::Delete => "its evicted files are still being deleted",
@@ -410,13 +412,25 @@ impl Service {
         }
     }
 
+    /// The delete of an evicted blob returned (or never ran). Unless its
+    /// files are known gone, the blob is counted again (and evicted again
+    /// later): files left on disk are never forgotten by the accounting.
     fn deleted(&mut self, blob_id: String, outcome: Option<JobOutput>) {
-        match outcome {
-            Some(JobOutput::Deleted(Err(e))) => log::warn!("evicting blob {blob_id}: {e}"),
-            Some(_) => {}
-            None => log::warn!("evicting blob {blob_id}: the delete job never ran"),
+        let gone = match outcome {
+            Some(JobOutput::Deleted(Ok(()))) => true,
+            Some(JobOutput::Deleted(Err(e))) => {
+                log::warn!("evicting blob {blob_id}: {e}; counted again");
+                false
+            }
+            _ => {
+                log::warn!("evicting blob {blob_id}: the delete job never ran; counted again");
+                false
+            }
+        };
+        let bytes = self.deleting.remove(&blob_id).map_or(0, |(_, b)| b);
+        if !gone {
+            self.index.delete_failed(&blob_id, bytes);
         }
-        self.deleting.remove(&blob_id);
         let waiting = self.opening.get(&blob_id).and_then(|w| w.first());
         if let Some(source) = waiting.map(|w| w.source.clone()) {
             // A GetBlob came while the files were going: open them anew.
@@ -425,8 +439,8 @@ impl Service {
     }
 
     fn start_evictions(&mut self) {
-        for id in self.index.take_evictions() {
-            self.deleting.insert(id.clone(), Deletion::Running);
+        for (id, bytes) in self.index.take_evictions() {
+            self.deleting.insert(id.clone(), (Deletion::Running, bytes));
             self.jobs.start(JobKind::Delete { id });
         }
     }
@@ -465,7 +479,9 @@ impl Service {
             }
             JobKind::Delete { id: blob_id } => {
                 // Exclusive until the stuck worker really returns.
-                self.deleting.insert(blob_id.clone(), Deletion::Stuck);
+                if let Some((d, _)) = self.deleting.get_mut(&blob_id) {
+                    *d = Deletion::Stuck;
+                }
                 self.fail_opens(&blob_id);
             }
             JobKind::Checkpoint { .. } => {}

@@ -461,3 +461,26 @@ fn a_cold_blob_is_not_evicted_while_its_open_is_stuck() {
     h.svc.job_done(open, None);
     assert_eq!(h.svc.index().used_bytes(), 8192);
 }
+
+/// Review finding: a Delete job dropped from the queue (it never ran) only
+/// logged and cleared the deleting mark: the evicted blob's files stayed on
+/// disk, counted nowhere, and the cache stayed over --cache-size until a
+/// restart. Now the blob is counted again and evicted again later.
+#[test]
+fn a_delete_that_never_ran_counts_its_blob_again() {
+    let (mut h, delete, _kind) = evict_a_by_filling_b();
+    assert_eq!(h.svc.index().used_bytes(), 8192, "b only");
+    h.svc.job_done(delete, None);
+    assert_eq!(
+        h.svc.index().used_bytes(),
+        2 * 8192,
+        "a's files are counted"
+    );
+    // The next fill over the limit evicts "a" again.
+    let tb = h.token("b");
+    h.send(Request::get_blob(3, "b").unwrap(), true);
+    h.replies();
+    let _ = tb;
+    h.svc.job_done(delete, None); // a stale completion changes nothing
+    assert_eq!(h.svc.index().used_bytes(), 2 * 8192);
+}

@@ -137,7 +137,7 @@ impl Index {
             Cause::NoSpace => "after a write ran out of space",
         };
         log::info!("evicting blob {id} ({bytes} bytes) {why}");
-        self.evicted.push(id);
+        self.evicted.push((id, bytes));
         let e = &mut self.evictions;
         match cause {
             Cause::Size => e.size += 1,

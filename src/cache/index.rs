@@ -94,13 +94,14 @@ pub struct Index {
 }
 
 impl Index {
-    /// The index over `cfg.workdir`. With a limit, the blobs already on disk
-    /// are counted (one directory scan, before serving).
+    /// The index over `cfg.workdir`. The blobs already on disk are counted
+    /// (one directory scan, before serving): against the limit, and in the
+    /// gauges from the start.
     pub fn new(cfg: Arc<CacheConfig>) -> Index {
         let mut cold = HashMap::new();
         let mut used = 0;
         let mut clock = 0;
-        if cfg.limit.is_some() || cfg.min_free.is_some() {
+        {
             let mut found = scan_data_dir(&cfg.data_dir());
             // Oldest first: their logical time is their rank.
             found.sort_by_key(|(_, _, mtime)| *mtime);
@@ -147,6 +148,12 @@ impl Index {
     /// Open blobs.
     pub fn len(&self) -> usize {
         self.blobs.len()
+    }
+
+    /// Blobs whose bytes are counted: open ones, and those an earlier run
+    /// left on disk that no client has opened since.
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len() + self.cold.len()
     }
 
     pub fn is_empty(&self) -> bool {

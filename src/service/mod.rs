@@ -127,7 +127,7 @@ impl Service {
     ) -> Service {
         let limit = index.config().limit.unwrap_or(0);
         metrics.cache.limit_bytes.set(limit);
-        Service {
+        let service = Service {
             sources,
             max_tokens,
             index,
@@ -139,7 +139,11 @@ impl Service {
             stuck_opens: HashSet::new(),
             outbox: Vec::new(),
             metrics,
-        }
+        };
+        // What the work dir holds from the start (after a restart or an
+        // upgrade), not 0 until the first open, fill or eviction.
+        service.publish();
+        service
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -151,7 +155,7 @@ impl Service {
     fn publish(&self) {
         let c = &self.metrics.cache;
         c.bytes.set(self.index.used_bytes());
-        c.blobs.set(self.index.len() as u64);
+        c.blobs.set(self.index.blob_count() as u64);
         let e = self.index.evictions();
         c.evictions_size.set(e.size);
         c.evictions_min_free.set(e.min_free);

@@ -484,3 +484,12 @@ fn a_delete_that_never_ran_counts_its_blob_again() {
     h.svc.job_done(delete, None); // a stale completion changes nothing
     assert_eq!(h.svc.index().used_bytes(), 2 * 8192);
 }
+
+/// Review finding: the cache gauges read 0 after a start or an upgrade
+/// until something changed. They show what the work dir holds at once.
+#[test]
+fn the_cache_gauges_show_the_work_dir_from_the_start() {
+    let h = Harness::with_leftovers(&[], None, &[("x", 8192), ("y", 4096)]);
+    let c = &h.svc.metrics().cache;
+    assert_eq!((c.bytes.get(), c.blobs.get()), (12288, 2));
+}

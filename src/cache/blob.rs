@@ -41,6 +41,10 @@ pub struct Blob {
     fill_rate: AtomicU64,
     /// The sha256 so far, for backends that know the digest.
     checksum: Checksum,
+    /// Times the blob was discarded (a failed check): a fill that began
+    /// before a discard may have had its bytes punched out, so it marks
+    /// nothing (see [`Blob::mark_unless_discarded`]).
+    discards: AtomicU64,
 }
 
 impl fmt::Debug for Blob {
@@ -144,6 +148,7 @@ impl Blob {
             checking: Mutex::new(()),
             fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
+            discards: AtomicU64::new(0),
         };
         blob.check_if_complete(backend, backend_id);
         Ok(blob)
@@ -257,6 +262,7 @@ impl Blob {
         if expected.is_some() {
             self.checksum.want();
         }
+        let epoch = self.discards.load(Ordering::Acquire);
         self.reserve(start, end)?;
         let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
@@ -297,10 +303,11 @@ impl Blob {
         if self.ready_count() + newly == self.granules() {
             self.verify(backend, backend_id, expected)?;
         }
-        self.mark_ready(first, last - first);
-        if let Err(e) = self.persist(false) {
-            // The bytes are valid in memory; only their persistence failed.
-            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        if !self.mark_unless_discarded(first, last - first, epoch) {
+            return Err(BackendError::Integrity(format!(
+                "{}: the blob was discarded while this fill ran; nothing marked",
+                self.id
+            )));
         }
         if self.ready_count() < self.granules() {
             return Ok(false);
@@ -342,11 +349,25 @@ impl Blob {
         map.sync_data()
     }
 
-    fn persist(&self, synced: bool) -> io::Result<()> {
+    /// Marks granules `[g0, g0 + n)` ready and writes the map, unless the
+    /// blob was discarded since `epoch` (when the fill began): its bytes
+    /// may then have been punched out after it wrote them, and false is
+    /// returned with nothing marked. Discards hold the map lock throughout,
+    /// so a fill marks either before one (and is cleared by it) or after
+    /// it (and sees it).
+    fn mark_unless_discarded(&self, g0: u64, n: u64, epoch: u64) -> bool {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if self.discards.load(Ordering::Acquire) != epoch {
+            return false;
+        }
+        self.mark_ready(g0, n);
         // The snapshot is taken under the lock: a later writer's snapshot
         // includes every bit an earlier one saw.
-        map.write_all_at(&self.encode_map(synced), 0)
+        if let Err(e) = map.write_all_at(&self.encode_map(false), 0) {
+            // The bytes are valid in memory; only their persistence failed.
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+        true
     }
 
     fn encode_map(&self, synced: bool) -> Vec<u8> {

@@ -108,15 +108,23 @@ impl Blob {
     /// Forgets every ready granule and the bytes behind them, in the order
     /// a crash at any point cannot turn into a trusted map over dropped
     /// bytes: the bits are cleared in memory, the cleared map is written
-    /// and synced, and only then are the bytes punched out.
+    /// and synced, and only then are the bytes punched out. All under the
+    /// map lock, with the discard counted, so no fill marks granules whose
+    /// bytes it wrote before the punch.
     pub(super) fn discard(&self) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.discards.fetch_add(1, Ordering::AcqRel);
         for w in self.ready.iter() {
             w.store(0, Ordering::Release);
         }
         self.verified.store(false, Ordering::Release);
-        if let Err(e) = self.persist_durably() {
+        let cleared = map
+            .write_all_at(&self.encode_map(false), 0)
+            .and_then(|_| map.sync_data());
+        if let Err(e) = cleared {
             log::warn!("blob {}: writing its cleared readiness map: {e}", self.id);
-            if let Err(e) = self.invalidate_map() {
+            // An empty map file means nothing is ready.
+            if let Err(e) = map.set_len(0).and_then(|_| map.sync_data()) {
                 // The map on disk may still vouch for these bytes: keep them
                 // (a crash then leaves the blob as it was, not zeroed under a
                 // trusted map); the refill writes over them.
@@ -133,21 +141,7 @@ impl Blob {
             log::warn!("blob {}: dropping its bytes: {e}", self.id);
         }
         self.checksum.reset();
-    }
-
-    /// Writes the map as the bits are now and syncs it.
-    fn persist_durably(&self) -> std::io::Result<()> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.write_all_at(&self.encode_map(false), 0)?;
-        map.sync_data()
-    }
-
-    /// Empties the map file (an empty map means nothing is ready) and syncs
-    /// it: the fallback when the cleared map cannot be written.
-    fn invalidate_map(&self) -> std::io::Result<()> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.set_len(0)?;
-        map.sync_data()
+        drop(map);
     }
 
     /// Frees every byte of the data file while keeping its length, so a
@@ -256,6 +250,65 @@ mod tests {
         b.data.read_exact_at(&mut now, 0).unwrap();
         assert_eq!(now, [0u8; 16]);
         assert_eq!(b.data.metadata().unwrap().len(), 4 * 4096);
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    /// Writes like its inner backend, then holds the fill until told to go
+    /// (after reporting that the bytes are written).
+    struct Gated {
+        inner: Digested,
+        written: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Backend for Gated {
+        fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+            self.inner.blob_size(id)
+        }
+        fn read_into(&self, id: &str, off: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+            self.inner.read_into(id, off, len, dst)?;
+            let _ = self.written.lock().unwrap().send(());
+            let _ = self.go.lock().unwrap().recv();
+            Ok(())
+        }
+        fn expected_sha256(&self, id: &str) -> Option<[u8; 32]> {
+            self.inner.expected_sha256(id)
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    /// Found while fixing `discard`: a fill that wrote its bytes before a
+    /// discard punched them out, and marked its granules after, left them
+    /// ready over zeros. Such a fill now marks nothing.
+    #[test]
+    fn a_fill_that_ran_across_a_discard_marks_nothing() {
+        let (d, cfg, be, _) = setup(4 * 4096, 4096);
+        let wrong = digested(be, b"other");
+        let b = Arc::new(Blob::open(&cfg, &wrong, "b").unwrap());
+        assert!(!b.fill(&wrong, 0, 3).unwrap());
+        // A stale refill of granule 1 (abandoned, refilled, now returning)
+        // writes its bytes and is held before it marks them.
+        let (written_tx, written) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let gated = Gated {
+            inner: digested(crate::backend::LocalFs::new(d.path().join("be")), b"other"),
+            written: std::sync::Mutex::new(written_tx),
+            go: std::sync::Mutex::new(go_rx),
+        };
+        let b2 = b.clone();
+        let stale = std::thread::spawn(move || b2.fill_from(&gated, "b", 1, 1));
+        written
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        // The last granule completes the blob, which fails its check.
+        let e = b.fill(&wrong, 3, 1).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        go.send(()).unwrap();
+        let r = stale.join().unwrap();
+        assert!(r.is_err(), "the stale fill reported {r:?}");
+        assert!(!b.is_ready(1), "granule 1 marked ready over punched bytes");
         assert_eq!(b.ready_count(), 0);
     }
 

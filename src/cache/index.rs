@@ -2,18 +2,21 @@
 //! being filled (so each is fetched once however many clients ask), the
 //! least-recently-used order and the byte limit, and the breaker that stops
 //! calling a backend that hung on a blob. No I/O happens here. Which blob
-//! to evict, and when, is in `index/evict.rs`.
+//! to evict, and when, is in `index/evict.rs`; the blobs an earlier run
+//! left on disk in `index/cold.rs`.
 
 use super::disk::DiskWatch;
 use super::readahead::Readahead;
-use super::{scan_data_dir, Blob, CacheConfig};
+use super::{Blob, CacheConfig};
 use crate::jobs::JobId;
+use cold::ColdBlob;
 pub use evict::{Cause, Evictions};
 use runs::{run_bytes, spans, Span};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod cold;
 mod evict;
 mod runs;
 
@@ -66,16 +69,6 @@ struct Hung {
     strikes: u32,
 }
 
-/// A blob whose files are in the work dir but that no client opened since
-/// the daemon started.
-struct ColdBlob {
-    bytes: u64,
-    last_used: u64,
-    /// An open of it is in flight: its bytes stay counted (the files are on
-    /// disk) but it is not evicted under the opening worker.
-    opening: bool,
-}
-
 /// The table of cached blobs. See the module docs.
 pub struct Index {
     cfg: Arc<CacheConfig>,
@@ -98,27 +91,7 @@ impl Index {
     /// (one directory scan, before serving): against the limit, and in the
     /// gauges from the start.
     pub fn new(cfg: Arc<CacheConfig>) -> Index {
-        let mut cold = HashMap::new();
-        let mut used = 0;
-        let mut clock = 0;
-        {
-            let mut found = scan_data_dir(&cfg.data_dir());
-            // Oldest first: their logical time is their rank.
-            found.sort_by_key(|(_, _, mtime)| *mtime);
-            for (id, bytes, _) in found {
-                used += bytes;
-                clock += 1;
-                let last_used = clock;
-                cold.insert(
-                    id,
-                    ColdBlob {
-                        bytes,
-                        last_used,
-                        opening: false,
-                    },
-                );
-            }
-        }
+        let (cold, used, clock) = cold::scan(&cfg);
         Index {
             cfg: cfg.clone(),
             by_id: HashMap::new(),
@@ -183,32 +156,6 @@ impl Index {
         key
     }
 
-    /// The blob's bytes stop counting as a cold blob's: it is open now
-    /// ([`Index::insert`] counts its ready bytes instead).
-    fn forget_cold(&mut self, id: &str) {
-        if let Some(c) = self.cold.remove(id) {
-            self.used -= c.bytes.min(self.used);
-        }
-    }
-
-    /// An open of blob `id` starts: if it is a cold blob, it stops being an
-    /// eviction candidate while the open runs, but its bytes stay counted
-    /// until [`Index::insert`] counts them as an open blob's.
-    pub fn cold_opening(&mut self, id: &str) {
-        if let Some(c) = self.cold.get_mut(id) {
-            c.opening = true;
-        }
-    }
-
-    /// The open of blob `id` failed (or was dropped, or returned after it
-    /// was abandoned without a blob): a cold blob's files are still on
-    /// disk, counted, and may be evicted again.
-    pub fn open_failed(&mut self, id: &str) {
-        if let Some(c) = self.cold.get_mut(id) {
-            c.opening = false;
-        }
-    }
-
     /// A token naming `key` was handed out; the blob is not evicted while
     /// any is held.
     pub fn acquire(&mut self, key: BlobKey) {
@@ -235,22 +182,6 @@ impl Index {
     /// [`Index::delete_failed`] if its files stay.
     pub fn take_evictions(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.evicted)
-    }
-
-    /// The delete of evicted blob `id` (counted for `bytes`) never ran or
-    /// failed: its files may still be on disk, so it is counted again, as
-    /// a cold blob first in line for the next eviction.
-    pub fn delete_failed(&mut self, id: &str, bytes: u64) {
-        if self.by_id.contains_key(id) || self.cold.contains_key(id) {
-            return;
-        }
-        self.used += bytes;
-        let cold = ColdBlob {
-            bytes,
-            last_used: 0,
-            opening: false,
-        };
-        self.cold.insert(id.to_owned(), cold);
     }
 
     /// Blobs evicted since start, by cause.

@@ -57,8 +57,7 @@ pub(crate) fn open_ro(path: &Path) -> io::Result<Option<File>> {
 }
 
 /// A read-only fd of the same file as `rw` (opened from `path`), for
-/// clients: the path must still name that very file, and the fd is
-/// blocking, as clients expect.
+/// clients: the path must still name that very file.
 pub(crate) fn reopen_ro(rw: &File, path: &Path) -> Result<File, OpenError> {
     let bad = |e| OpenError::file("reopen read-only", path, e);
     let ro = match open_ro(path) {
@@ -71,17 +70,20 @@ pub(crate) fn reopen_ro(rw: &File, path: &Path) -> Result<File, OpenError> {
     if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
         return Err(bad(io::Error::other("replaced while being opened")));
     }
-    fcntl(&ro, FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| bad(e.into()))?;
     Ok(ro)
 }
 
-/// `f` if it is a regular file, else an error naming `path`.
+/// `f` if it is a regular file, made blocking again (`O_NONBLOCK` was
+/// only for the open, and some file systems honour it on regular files),
+/// else an error naming `path`.
 fn regular(f: File, path: &Path) -> io::Result<File> {
     let meta = f.metadata()?;
-    if meta.file_type().is_file() {
-        return Ok(f);
+    if !meta.file_type().is_file() {
+        return Err(not_regular(path, kind(&meta.file_type())));
     }
-    Err(not_regular(path, kind(&meta.file_type())))
+    let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL)?);
+    fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(f)
 }
 
 fn not_regular(path: &Path, what: &str) -> io::Error {
@@ -183,8 +185,10 @@ mod tests {
         let p = d.path().join("b");
         let rw = open_rw(&p).unwrap();
         let ro = reopen_ro(&rw, &p).unwrap();
-        let fl = OFlag::from_bits_truncate(fcntl(&ro, FcntlArg::F_GETFL).unwrap());
-        assert!(!fl.contains(OFlag::O_NONBLOCK));
+        for f in [&rw, &ro] {
+            let fl = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL).unwrap());
+            assert!(!fl.contains(OFlag::O_NONBLOCK));
+        }
         assert_eq!(rw.metadata().unwrap().ino(), ro.metadata().unwrap().ino());
     }
 }

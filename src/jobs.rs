@@ -6,7 +6,8 @@
 //! A job that runs past the backend timeout is *abandoned*: its waiters are
 //! failed at once, but its entry stays until the worker really returns, so
 //! the late result is still seen (a late fill's bytes are credited; a late
-//! delete keeps its blob exclusive until its files are really gone).
+//! delete keeps its blob exclusive until its files are really gone, and so
+//! does a late open until it has finished sizing them).
 
 use crate::backend::BackendError;
 use crate::cache::{self, Blob, BlobKey, CacheConfig, OpenError};

@@ -4,6 +4,13 @@
 //! cache key (the file name in the work dir): the backend's canonical id, or
 //! `sha256:HEX` for a reference, so every reference to one digest shares
 //! one cache entry with a registry `--backend` serving the same digest.
+//!
+//! Keys are one-to-one with what they name, and always a valid file name:
+//! a plain `sha256:…` id of a backend that checks no digest gets
+//! `local-sha256:…` (not the digest's entry); a plain id that itself starts
+//! with `local-sha256:` is escaped to `plain@…` (plain ids never contain
+//! `@`); a derived key longer than `NAME_MAX` becomes `long@sha256:` and the
+//! sha256 of the key. Every other id is its own key, as before.
 
 use crate::backend::Backend;
 use crate::protocol::{self, BlobIdError, Errno};
@@ -79,6 +86,39 @@ impl fmt::Display for ResolveError {
 
 impl std::error::Error for ResolveError {}
 
+/// Longest name a file in the work dir may have (Linux NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// Prefix of the key of a plain digest id whose bytes are not checked.
+const UNVERIFIED: &str = "local-";
+
+/// The cache key and source of a plain id whose backend calls it `id`
+/// (`verified`: the backend checks the digest `id` names, if any). See
+/// the module docs for why every key is distinct and a valid file name.
+fn plain_key(id: String, verified: bool) -> (String, Source) {
+    let key = if id.starts_with("sha256:") && !verified {
+        // A plain id of a backend that does not check digests must not
+        // share the cache entry of the digest it spells: a reference's
+        // bytes are verified, a local file's are not.
+        format!("{UNVERIFIED}{id}")
+    } else if id.starts_with("local-sha256:") {
+        // Would be taken for the key of the unverified id above.
+        format!("plain@{id}")
+    } else {
+        return (id, Source::Backend);
+    };
+    let key = if key.len() > NAME_MAX {
+        // Keys of ids the protocol accepts must be names the file system
+        // accepts; the hash of the key keeps them apart.
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        format!("long@sha256:{}", hex::encode(digest))
+    } else {
+        key
+    };
+    (key, Source::BackendAs(id.into()))
+}
+
 impl Sources {
     pub fn new(
         default: Arc<dyn Backend>,
@@ -115,13 +155,8 @@ impl Sources {
         if !looks_like_reference(text) {
             let id = protocol::validate_blob_id(text.as_bytes()).map_err(ResolveError::BadId)?;
             let key = self.default.canonical_id(id).ok_or(ResolveError::NotAnId)?;
-            if key.starts_with("sha256:") && self.default.expected_sha256(&key).is_none() {
-                // A plain id of a backend that does not check digests must
-                // not share the cache entry of the digest it spells: a
-                // reference's bytes are verified, a local file's are not.
-                return Ok((format!("local-{key}"), Source::BackendAs(key.into())));
-            }
-            return Ok((key, Source::Backend));
+            let verified = self.default.expected_sha256(&key).is_some();
+            return Ok(plain_key(key, verified));
         }
         let r = Reference::parse(text).map_err(ResolveError::BadReference)?;
         if !self.allow.allows(r.host()) {
@@ -174,5 +209,44 @@ mod tests {
         assert_ne!(plain, by_ref);
         let (other, src) = s.resolve(&field("layer.tar")).unwrap();
         assert_eq!((other.as_str(), src), ("layer.tar", Source::Backend));
+    }
+
+    /// Review finding: the plain id `local-sha256:H` had the key the plain
+    /// id `sha256:H` got on a backend that checks no digest, so two blobs
+    /// shared a cache file; and the `local-` prefix pushed a 250-255 byte
+    /// id past NAME_MAX (always EIO). Keys are now distinct and fit.
+    #[test]
+    fn distinct_ids_never_share_a_key_and_every_key_is_a_file_name() {
+        let s = Sources::new(
+            Arc::new(LocalFs::new("/nonexistent")),
+            Some(Arc::new(LocalFs::new("/nonexistent"))),
+            AllowList::new(),
+        );
+        let hex = "cd".repeat(32);
+        let long = format!("sha256:{}", "e".repeat(248));
+        let ids = [
+            format!("sha256:{hex}"),
+            format!("local-sha256:{hex}"),
+            format!("plain@local-sha256:{hex}").replace('@', "-"),
+            long.clone(),
+            format!("local-{long}")[..255].to_string(),
+            format!("local-sha256:{}", "f".repeat(242)),
+            "x".repeat(255),
+            format!("127.0.0.1:5000/a/b@sha256:{hex}"),
+        ];
+        let mut keys = std::collections::HashSet::new();
+        for id in &ids {
+            let (key, src) = s.resolve(&field(id)).unwrap();
+            assert!(key.len() <= NAME_MAX, "{id}: key of {} bytes", key.len());
+            assert!(!key.contains('/') && !key.starts_with('.'), "{key}");
+            assert!(keys.insert(key.clone()), "{id} shares key {key}");
+            if !id.contains('@') {
+                assert_eq!(s.backend(&src, &key).1, id.as_str(), "asked as itself");
+            }
+        }
+        // Existing keys stay: ordinary ids and unverified digest ids.
+        assert_eq!(s.resolve(&field("x")).unwrap().0, "x");
+        let plain = s.resolve(&field(&format!("sha256:{hex}"))).unwrap().0;
+        assert_eq!(plain, format!("local-sha256:{hex}"));
     }
 }

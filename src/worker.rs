@@ -68,6 +68,9 @@ struct Queue<T> {
     /// Workers whose job (or after-step) ran past the limit; each retires
     /// when it returns.
     stuck: HashSet<usize>,
+    /// Worker threads started and not yet returned, stuck ones included:
+    /// with `stuck`, whether any thread can still take a queued task.
+    alive: usize,
 }
 
 /// What [`WorkerPool::expire`] found.
@@ -75,7 +78,8 @@ struct Queue<T> {
 pub struct Expired {
     /// Jobs that ran past the limit; their threads were replaced.
     pub stuck: Vec<u64>,
-    /// Jobs that waited in the queue past the limit and were dropped.
+    /// Jobs that waited in the queue past the limit while every thread
+    /// was stuck (and no replacement could start), and were dropped.
     pub dropped: Vec<u64>,
     /// When the next job passes the limit.
     pub next: Option<Instant>,
@@ -107,6 +111,7 @@ impl<T: Send + 'static> WorkerPool<T> {
                 stopping: false,
                 running: HashMap::new(),
                 stuck: HashSet::new(),
+                alive: 0,
             }),
             work: Condvar::new(),
             done: Mutex::new(Vec::new()),
@@ -127,11 +132,21 @@ impl<T: Send + 'static> WorkerPool<T> {
 
     fn spawn(&mut self, index: usize) -> io::Result<()> {
         let s = self.shared.clone();
-        let t = std::thread::Builder::new()
+        // Counted before it runs, so it is never seen gone before it came.
+        lock(&self.shared.state).alive += 1;
+        let spawned = std::thread::Builder::new()
             .name(format!("blobmgr-worker-{index}"))
-            .spawn(move || worker_loop(&s, index))?;
-        self.threads.push((index, t));
-        Ok(())
+            .spawn(move || worker_loop(&s, index));
+        match spawned {
+            Ok(t) => {
+                self.threads.push((index, t));
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.shared.state).alive -= 1;
+                Err(e)
+            }
+        }
     }
 
     /// Queues demand `job`; its completion will carry `id`.
@@ -189,10 +204,12 @@ impl<T: Send + 'static> WorkerPool<T> {
     /// Abandons every job that has been running longer than `limit`: their
     /// ids are returned (their completions, if they ever come, must be
     /// ignored) and a replacement thread is started for each, up to a bound.
-    /// Jobs that waited in the queue longer than `limit` (every thread was
-    /// stuck) are dropped and returned too. Also returns when the next job
-    /// will pass `limit`. `now` is the caller's clock (tests pass a later
-    /// one instead of sleeping).
+    /// Only when the pool is wedged (every thread is stuck and no
+    /// replacement may start) are jobs that waited in the queue longer than
+    /// `limit` dropped and returned too: a queue that healthy threads work
+    /// through, however slowly, is left to them. Also returns when the next
+    /// job will pass `limit`. `now` is the caller's clock (tests pass a
+    /// later one instead of sleeping).
     pub fn expire(&mut self, limit: Duration, now: Instant) -> Expired {
         let mut expired = Vec::new();
         let mut dropped = Vec::new();
@@ -215,9 +232,11 @@ impl<T: Send + 'static> WorkerPool<T> {
                     *queued = now;
                 }
             }
-            for q in [&mut st.jobs, &mut st.background] {
-                if let Some(at) = drop_expired(q, limit, now, &mut dropped) {
-                    next = Some(next.map_or(at, |n| n.min(at)));
+            if replace == 0 && st.alive <= st.stuck.len() {
+                for q in [&mut st.jobs, &mut st.background] {
+                    if let Some(at) = drop_expired(q, limit, now, &mut dropped) {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
                 }
             }
             replace
@@ -367,6 +386,7 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
                     break (id, job);
                 }
                 if st.stopping {
+                    st.alive -= 1;
                     return;
                 }
                 st = s.work.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -402,7 +422,11 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
             let mut st = lock(&s.state);
             st.running.remove(&index);
             // A replacement took this thread's place while it was stuck.
-            st.stuck.remove(&index)
+            let retire = st.stuck.remove(&index);
+            if retire {
+                st.alive -= 1;
+            }
+            retire
         };
         if retire {
             return;
@@ -558,6 +582,38 @@ mod tests {
         let e = pool.expire(limit, now);
         assert_eq!((e.stuck, e.dropped), (vec![5], vec![6]));
         drop(held);
+    }
+
+    /// Review finding: a job queued longer than the limit was dropped
+    /// even while the pool's threads were healthy, only busy with jobs
+    /// that had not run past it (a storm of slow fills): its requests
+    /// failed with EIO. Now it waits for them.
+    #[test]
+    fn a_job_queued_past_the_limit_behind_healthy_threads_is_kept() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let limit = Duration::from_secs(10);
+        let first = blocking_job(&pool, 1);
+        // Job 2 will take the thread after job 1; job 3 waits behind both.
+        let (second, hold) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        pool.submit(2, move || {
+            let _ = started_tx.send(());
+            let _ = hold.recv();
+            2
+        });
+        pool.submit(3, || 3);
+        let mid = Instant::now();
+        drop(first);
+        started.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(completions(&pool, 1)[0].id, 1);
+        // Job 3 has been queued a whole limit, job 2 has run less than one:
+        // the thread is healthy, so job 3 is neither dropped nor failed.
+        let e = pool.expire(limit, mid + limit);
+        assert_eq!((e.stuck, e.dropped), (vec![], vec![]));
+        drop(second);
+        let mut got: Vec<u64> = completions(&pool, 2).iter().map(|c| c.id).collect();
+        got.sort();
+        assert_eq!(got, vec![2, 3]);
     }
 
     #[test]

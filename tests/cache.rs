@@ -838,3 +838,71 @@ fn disconnect_while_its_fill_is_slow_in_process() {
     let stats = server.stop();
     assert_eq!(stats.accepted, 2);
 }
+
+/// Holds the first `blob_size` call until its gate opens (an open stalled
+/// in the backend after it found no map); counts the calls.
+struct StallFirstSize {
+    data: Vec<u8>,
+    sizes: AtomicUsize,
+    first: Gate,
+}
+
+impl Backend for StallFirstSize {
+    fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+        if self.sizes.fetch_add(1, Ordering::SeqCst) == 0 {
+            assert!(self.first.wait_open(Duration::from_secs(60)), "held 60 s");
+        }
+        Ok(self.data.len() as u64)
+    }
+
+    fn read_into(&self, _id: &str, offset: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+        let (s, e) = (offset as usize, (offset + len) as usize);
+        dst.write_all_at(&self.data[s..e], offset)
+            .map_err(|e| BackendError::Io("write cache".into(), e))
+    }
+
+    fn describe(&self) -> String {
+        "stall-first-size (test)".into()
+    }
+}
+
+/// Review finding: an open abandoned at --backend-timeout let the next
+/// GetBlob start a second open; when the first resumed after the second
+/// had been served and filled, it sized the data file to 0 and back, and
+/// granules reported valid read as zeros. Now the id stays exclusive until
+/// the stuck open returns: GetBlob answers EIO meanwhile, never a second
+/// open, and afterwards every byte served is the blob's.
+#[test]
+fn a_late_open_never_wipes_a_blob_served_meanwhile() {
+    let data = pattern(4 * MIB as usize, 91);
+    let be = Arc::new(StallFirstSize {
+        data: data.clone(),
+        sizes: AtomicUsize::new(0),
+        first: Gate::new(false),
+    });
+    let release = be.clone();
+    let server = InProc::start(be.clone(), |cfg| {
+        cfg.cache.granule = 64 * 1024;
+        cfg.backend_timeout = Duration::from_millis(300);
+    })
+    .on_stop(move || release.first.set(true));
+    let mut c = server.raw();
+    // The first open hangs in blob_size past the timeout: EIO.
+    assert_eq!(c.open(1, "b").err(), Some(5));
+    // Meanwhile: EIO at once, and no second open asks the backend.
+    assert_eq!(c.open(1, "b").err(), Some(5));
+    assert_eq!(be.sizes.load(Ordering::SeqCst), 1, "a second open ran");
+    // The stuck open returns; the blob is then served, every byte right.
+    be.first.set(true);
+    let mut opened = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            opened = c.open(1, "b").ok();
+            opened.is_some()
+        }),
+        "the blob is served once the late open returned"
+    );
+    let b = opened.unwrap();
+    c.fetch_check(&b, &data, 0, data.len() as u64);
+    assert_eq!(be.sizes.load(Ordering::SeqCst), 1);
+}

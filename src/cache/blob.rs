@@ -10,14 +10,13 @@ mod integrity;
 
 use super::checksum::Checksum;
 use super::map::{self, MapHeader, StoredMap};
-use super::{CacheConfig, OpenError, MAX_BLOB_SIZE};
+use super::{files, CacheConfig, OpenError, MAX_BLOB_SIZE};
 use crate::backend::{Backend, BackendError};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -42,25 +41,16 @@ pub struct Blob {
     fill_rate: AtomicU64,
     /// The sha256 so far, for backends that know the digest.
     checksum: Checksum,
+    /// Times the blob was discarded (a failed check): a fill that began
+    /// before a discard may have had its bytes punched out, so it marks
+    /// nothing (see [`Blob::mark_unless_discarded`]).
+    discards: AtomicU64,
 }
 
 impl fmt::Debug for Blob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Blob({}, {} bytes)", self.id, self.size)
     }
-}
-
-/// Opens `path` with CLOEXEC; `write` also creates it (mode 0600).
-fn open_file(path: &Path, write: bool, truncate: bool) -> Result<File, OpenError> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .create(write)
-        .truncate(truncate)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| OpenError::file("open", path, e))
 }
 
 impl Blob {
@@ -106,7 +96,7 @@ impl Blob {
         if size > MAX_BLOB_SIZE {
             return Err(OpenError::TooLarge(size));
         }
-        let data = open_file(&data_path, true, false)?;
+        let data = files::open_rw(&data_path)?;
         let len = data
             .metadata()
             .map_err(|e| OpenError::file("stat", &data_path, e))?
@@ -138,8 +128,12 @@ impl Blob {
                 None
             }
         };
-        let ro = open_file(&data_path, false, false)?;
-        let map = open_file(&map_path, true, trusted.is_none())?;
+        let ro = files::reopen_ro(&data, &data_path)?;
+        let map = files::open_rw(&map_path)?;
+        if trusted.is_none() {
+            map.set_len(0)
+                .map_err(|e| OpenError::file("truncate", &map_path, e))?;
+        }
         let verified = trusted.unwrap_or(false);
         let blob = Blob {
             id: id.to_owned(),
@@ -154,6 +148,7 @@ impl Blob {
             checking: Mutex::new(()),
             fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
+            discards: AtomicU64::new(0),
         };
         blob.check_if_complete(backend, backend_id);
         Ok(blob)
@@ -267,6 +262,7 @@ impl Blob {
         if expected.is_some() {
             self.checksum.want();
         }
+        let epoch = self.discards.load(Ordering::Acquire);
         self.reserve(start, end)?;
         let t = Instant::now();
         let (w0, w1) = match backend.read_into_extent(backend_id, start, end - start, &self.data) {
@@ -307,10 +303,11 @@ impl Blob {
         if self.ready_count() + newly == self.granules() {
             self.verify(backend, backend_id, expected)?;
         }
-        self.mark_ready(first, last - first);
-        if let Err(e) = self.persist(false) {
-            // The bytes are valid in memory; only their persistence failed.
-            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        if !self.mark_unless_discarded(first, last - first, epoch) {
+            return Err(BackendError::Integrity(format!(
+                "{}: the blob was discarded while this fill ran; nothing marked",
+                self.id
+            )));
         }
         if self.ready_count() < self.granules() {
             return Ok(false);
@@ -352,11 +349,25 @@ impl Blob {
         map.sync_data()
     }
 
-    fn persist(&self, synced: bool) -> io::Result<()> {
+    /// Marks granules `[g0, g0 + n)` ready and writes the map, unless the
+    /// blob was discarded since `epoch` (when the fill began): its bytes
+    /// may then have been punched out after it wrote them, and false is
+    /// returned with nothing marked. Discards hold the map lock throughout,
+    /// so a fill marks either before one (and is cleared by it) or after
+    /// it (and sees it).
+    fn mark_unless_discarded(&self, g0: u64, n: u64, epoch: u64) -> bool {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if self.discards.load(Ordering::Acquire) != epoch {
+            return false;
+        }
+        self.mark_ready(g0, n);
         // The snapshot is taken under the lock: a later writer's snapshot
         // includes every bit an earlier one saw.
-        map.write_all_at(&self.encode_map(synced), 0)
+        if let Err(e) = map.write_all_at(&self.encode_map(false), 0) {
+            // The bytes are valid in memory; only their persistence failed.
+            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        }
+        true
     }
 
     fn encode_map(&self, synced: bool) -> Vec<u8> {
@@ -401,6 +412,36 @@ mod tests {
         let m = std::fs::read(&mp).unwrap();
         std::fs::write(&mp, &m[..m.len() - 3]).unwrap();
         assert_eq!(Blob::open(&cfg, &be, "b").unwrap().ready_count(), 0);
+    }
+
+    /// Review finding: cache files were opened following symlinks (an
+    /// outside file was truncated), and a FIFO at map/<id> blocked the
+    /// opening worker. Now neither is followed or waited on: both are
+    /// replaced by regular files.
+    #[test]
+    fn untrusted_cache_files_are_replaced_not_followed_or_waited_on() {
+        let (d, cfg, be, data) = setup(3 * 4096, 4096);
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"not the cache's").unwrap();
+        std::os::unix::fs::symlink(&outside, cfg.data_dir().join("b")).unwrap();
+        let fifo = cfg.map_dir().join("b");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cfg2 = cfg.clone();
+        std::thread::spawn(move || {
+            let be = be;
+            let r = Blob::open(&cfg2, &be, "b").map(|b| {
+                b.fill(&be, 0, 3).unwrap();
+            });
+            let _ = tx.send(r.is_ok());
+        });
+        let opened = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(opened, Ok(true), "the open blocked or failed");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"not the cache's");
+        for p in [cfg.data_dir().join("b"), fifo] {
+            assert!(std::fs::symlink_metadata(&p).unwrap().is_file(), "{p:?}");
+        }
+        assert_eq!(std::fs::read(cfg.data_dir().join("b")).unwrap(), data);
     }
 
     #[test]

@@ -2,18 +2,21 @@
 //! being filled (so each is fetched once however many clients ask), the
 //! least-recently-used order and the byte limit, and the breaker that stops
 //! calling a backend that hung on a blob. No I/O happens here. Which blob
-//! to evict, and when, is in `index/evict.rs`.
+//! to evict, and when, is in `index/evict.rs`; the blobs an earlier run
+//! left on disk in `index/cold.rs`.
 
 use super::disk::DiskWatch;
 use super::readahead::Readahead;
-use super::{scan_data_dir, Blob, CacheConfig};
+use super::{Blob, CacheConfig};
 use crate::jobs::JobId;
+use cold::ColdBlob;
 pub use evict::{Cause, Evictions};
 use runs::{run_bytes, spans, Span};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod cold;
 mod evict;
 mod runs;
 
@@ -66,13 +69,6 @@ struct Hung {
     strikes: u32,
 }
 
-/// A blob whose files are in the work dir but that no client opened since
-/// the daemon started.
-struct ColdBlob {
-    bytes: u64,
-    last_used: u64,
-}
-
 /// The table of cached blobs. See the module docs.
 pub struct Index {
     cfg: Arc<CacheConfig>,
@@ -83,7 +79,7 @@ pub struct Index {
     used: u64,
     clock: u64,
     /// Ids whose files are to be deleted (see [`Index::take_evictions`]).
-    evicted: Vec<String>,
+    evicted: Vec<(String, u64)>,
     /// Blobs evicted since start, by cause.
     evictions: Evictions,
     /// The free-space watermark, if one is kept.
@@ -91,23 +87,11 @@ pub struct Index {
 }
 
 impl Index {
-    /// The index over `cfg.workdir`. With a limit, the blobs already on disk
-    /// are counted (one directory scan, before serving).
+    /// The index over `cfg.workdir`. The blobs already on disk are counted
+    /// (one directory scan, before serving): against the limit, and in the
+    /// gauges from the start.
     pub fn new(cfg: Arc<CacheConfig>) -> Index {
-        let mut cold = HashMap::new();
-        let mut used = 0;
-        let mut clock = 0;
-        if cfg.limit.is_some() || cfg.min_free.is_some() {
-            let mut found = scan_data_dir(&cfg.data_dir());
-            // Oldest first: their logical time is their rank.
-            found.sort_by_key(|(_, _, mtime)| *mtime);
-            for (id, bytes, _) in found {
-                used += bytes;
-                clock += 1;
-                let last_used = clock;
-                cold.insert(id, ColdBlob { bytes, last_used });
-            }
-        }
+        let (cold, used, clock) = cold::scan(&cfg);
         Index {
             cfg: cfg.clone(),
             by_id: HashMap::new(),
@@ -139,6 +123,12 @@ impl Index {
         self.blobs.len()
     }
 
+    /// Blobs whose bytes are counted: open ones, and those an earlier run
+    /// left on disk that no client has opened since.
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len() + self.cold.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.blobs.is_empty()
     }
@@ -166,14 +156,6 @@ impl Index {
         key
     }
 
-    /// A blob on disk is being opened: it stops being an eviction candidate
-    /// (its bytes are counted again by [`Index::insert`]).
-    pub fn forget_cold(&mut self, id: &str) {
-        if let Some(c) = self.cold.remove(id) {
-            self.used -= c.bytes;
-        }
-    }
-
     /// A token naming `key` was handed out; the blob is not evicted while
     /// any is held.
     pub fn acquire(&mut self, key: BlobKey) {
@@ -196,7 +178,9 @@ impl Index {
 
     /// Ids whose files must be deleted, chosen since the last call. Until
     /// the deletion is done, the caller must not open these ids again.
-    pub fn take_evictions(&mut self) -> Vec<String> {
+    /// Each comes with the bytes it was counted for, to give back with
+    /// [`Index::delete_failed`] if its files stay.
+    pub fn take_evictions(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.evicted)
     }
 

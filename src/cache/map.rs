@@ -96,14 +96,36 @@ pub fn encode(h: &MapHeader, words: impl ExactSizeIterator<Item = u64>) -> Vec<u
 /// untrusted one is an error the caller logs before treating the blob as
 /// empty.
 pub fn load(path: &Path, granule: u64, boot_id: &[u8; 16]) -> io::Result<Option<StoredMap>> {
-    let b = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(f) = super::files::open_ro(path)? else {
+        return Ok(None);
     };
+    let b = read_capped(&f)?;
     parse(&b, granule, boot_id)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The bytes of a map file, read no further than its header allows (one
+/// byte more, so that a longer file fails the length check): a huge file
+/// in the work dir never makes the daemon read or allocate more than the
+/// map of a [`MAX_BLOB_SIZE`](super::MAX_BLOB_SIZE) blob.
+fn read_capped(f: &std::fs::File) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut b = Vec::with_capacity(HEADER);
+    f.take(HEADER as u64).read_to_end(&mut b)?;
+    if b.len() < HEADER {
+        return Ok(b);
+    }
+    let size = LE::read_u64(&b[16..24]);
+    let granule = LE::read_u64(&b[24..32]);
+    let words = if size <= super::MAX_BLOB_SIZE && granule >= 4096 {
+        words_for(size, granule)
+    } else {
+        0
+    };
+    let rest = (words * 8 + 4 + 1) as u64;
+    f.take(rest).read_to_end(&mut b)?;
+    Ok(b)
 }
 
 /// Parses and checks a map's bytes.
@@ -219,6 +241,24 @@ mod tests {
     fn bits_past_the_last_granule_never_count() {
         let b = encode(&header(true), [u64::MAX].into_iter());
         assert_eq!(parse(&b, 4096, &[7; 16]).unwrap().bits, vec![0b111]);
+    }
+
+    /// Review finding: a map file was read whole, however large. Now no
+    /// more than its header allows is read, and a longer file is refused.
+    #[test]
+    fn a_map_file_is_read_no_further_than_its_header_allows() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m");
+        let good = encode(&header(true), [1u64].into_iter());
+        let mut long = good.clone();
+        long.resize(good.len() + (1 << 20), 0xaa);
+        std::fs::write(&p, &long).unwrap();
+        let e = load(&p, 4096, &[7; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let f = std::fs::File::open(&p).unwrap();
+        assert_eq!(read_capped(&f).unwrap().len(), good.len() + 1);
+        std::fs::write(&p, &good).unwrap();
+        assert!(load(&p, 4096, &[7; 16]).unwrap().is_some());
     }
 
     #[test]

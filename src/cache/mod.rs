@@ -14,6 +14,7 @@
 pub mod blob;
 pub mod checksum;
 pub mod disk;
+mod files;
 pub mod index;
 pub mod map;
 pub mod readahead;
@@ -212,9 +213,20 @@ pub(crate) fn scan_data_dir(dir: &Path) -> Vec<(String, u64, i64)> {
 /// Deletes the files of blob `id` (an eviction). Runs on a worker.
 pub fn remove_blob_files(cfg: &CacheConfig, id: &str) -> io::Result<()> {
     for path in [cfg.map_dir().join(id), cfg.data_dir().join(id)] {
-        match std::fs::remove_file(&path) {
+        // Whatever is there (an empty directory an earlier run or a user
+        // left included): an eviction must be able to clear the name.
+        let t = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m.file_type(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("stat {}: {e}", path.display()),
+                ))
+            }
+        };
+        match files::remove_entry(&path, &t) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),

@@ -184,11 +184,20 @@ fn read_untouched(path: &Path) -> io::Result<Vec<u8>> {
             .custom_flags(flags)
             .open(path)
     };
-    let f: File = match open(nix::libc::O_NOATIME) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(0)?,
+    // Never follow a symlink nor wait on a FIFO left in the work dir.
+    let safe = nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC;
+    let f: File = match open(nix::libc::O_NOATIME | safe) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(safe)?,
         r => r?,
     };
-    let len = f.metadata()?.len();
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let len = meta.len();
     if len > MAX_MAP {
         return Err(io::Error::other(format!(
             "{len} bytes, too large for a map"

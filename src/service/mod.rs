@@ -17,7 +17,7 @@ use crate::protocol::{Errno, Message, Reply, Request};
 use crate::source::{Source, Sources};
 use fetch::PendingFetch;
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +64,16 @@ enum Deletion {
     Stuck,
 }
 
+/// Why a GetBlob of an id that is not open fails at once instead of
+/// waiting: a worker past the backend timeout still works on its files.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stuck {
+    /// Its evicted files are being deleted.
+    Delete,
+    /// An abandoned open: it may still size or truncate the files.
+    Open,
+}
+
 /// The request service. See the module docs.
 pub struct Service {
     sources: Arc<Sources>,
@@ -74,7 +84,12 @@ pub struct Service {
     sessions: Vec<Option<Session>>,
     fetches: Slab<PendingFetch>,
     opening: HashMap<String, Vec<PendingOpen>>,
-    deleting: HashMap<String, Deletion>,
+    /// Evicted blobs whose files are being deleted, with the bytes they
+    /// were counted for.
+    deleting: HashMap<String, (Deletion, u64)>,
+    /// Ids an abandoned Open job still works on: exclusive until it
+    /// returns, so no second open can race its truncation of the files.
+    stuck_opens: HashSet<String>,
     outbox: Vec<Output>,
     metrics: Arc<Metrics>,
 }
@@ -86,6 +101,18 @@ fn session(sessions: &mut [Option<Session>], conn: ConnId) -> Option<&mut Sessio
         .get_mut(conn.key())?
         .as_mut()
         .filter(|s| s.conn == conn)
+}
+
+/// Whether a stuck worker still holds blob `id`'s files (`deletion`: its
+/// entry in `deleting`; `stuck_opens`: ids of abandoned opens).
+fn stuck(stuck_opens: &HashSet<String>, id: &str, deletion: Option<Deletion>) -> Option<Stuck> {
+    if deletion == Some(Deletion::Stuck) {
+        Some(Stuck::Delete)
+    } else if stuck_opens.contains(id) {
+        Some(Stuck::Open)
+    } else {
+        None
+    }
 }
 
 impl Service {
@@ -100,7 +127,7 @@ impl Service {
     ) -> Service {
         let limit = index.config().limit.unwrap_or(0);
         metrics.cache.limit_bytes.set(limit);
-        Service {
+        let service = Service {
             sources,
             max_tokens,
             index,
@@ -109,9 +136,14 @@ impl Service {
             fetches: Slab::new(),
             opening: HashMap::new(),
             deleting: HashMap::new(),
+            stuck_opens: HashSet::new(),
             outbox: Vec::new(),
             metrics,
-        }
+        };
+        // What the work dir holds from the start (after a restart or an
+        // upgrade), not 0 until the first open, fill or eviction.
+        service.publish();
+        service
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -123,7 +155,7 @@ impl Service {
     fn publish(&self) {
         let c = &self.metrics.cache;
         c.bytes.set(self.index.used_bytes());
-        c.blobs.set(self.index.len() as u64);
+        c.blobs.set(self.index.blob_count() as u64);
         let e = self.index.evictions();
         c.evictions_size.set(e.size);
         c.evictions_min_free.set(e.min_free);
@@ -243,9 +275,13 @@ impl Service {
         if let Some(key) = self.index.lookup(&id) {
             return self.answer_get_blob(conn, tag, generation, key, source);
         }
-        let deletion = self.deleting.get(&id).copied();
-        if deletion == Some(Deletion::Stuck) {
-            log::info!("GetBlob {id}: its evicted files are still being deleted");
+        let deletion = self.deleting.get(&id).map(|&(d, _)| d);
+        if let Some(stuck) = stuck(&self.stuck_opens, &id, deletion) {
+            let why = match stuck {
+                Stuck::Delete => "its evicted files are still being deleted",
+                Stuck::Open => "an open of it is still stuck in the backend",
+            };
+            log::info!("GetBlob {id}: {why}");
             return self.refuse_blob(conn, tag, Errno::Io);
         }
         s.waiting += 1;
@@ -266,7 +302,7 @@ impl Service {
     }
 
     fn start_open(&mut self, id: String, source: Source) {
-        self.index.forget_cold(&id);
+        self.index.cold_opening(&id);
         self.jobs.start(JobKind::Open { id, source });
         self.publish();
     }
@@ -326,7 +362,7 @@ impl Service {
         };
         match f.kind {
             JobKind::Open { id: blob_id, .. } if !f.late => self.opened(blob_id, outcome),
-            JobKind::Open { .. } => {}
+            JobKind::Open { id: blob_id, .. } => self.opened_late(blob_id, outcome),
             kind @ JobKind::Fill { .. } => self.filled(id, kind, f.waiters, f.late, outcome),
             JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
             JobKind::Checkpoint { blob } => {
@@ -347,6 +383,9 @@ impl Service {
             }
             _ => Err(Errno::Io),
         };
+        if result.is_err() {
+            self.index.open_failed(&blob_id);
+        }
         for w in waiters {
             let Some(s) = session(&mut self.sessions, w.conn) else {
                 continue;
@@ -359,13 +398,43 @@ impl Service {
         }
     }
 
-    fn deleted(&mut self, blob_id: String, outcome: Option<JobOutput>) {
+    /// An abandoned open returned: its id may be opened again. Its waiters
+    /// were answered long ago; a blob it did open is kept (no other open of
+    /// the id ran meanwhile), so the next GetBlob is a hit.
+    fn opened_late(&mut self, blob_id: String, outcome: Option<JobOutput>) {
+        self.stuck_opens.remove(&blob_id);
         match outcome {
-            Some(JobOutput::Deleted(Err(e))) => log::warn!("evicting blob {blob_id}: {e}"),
-            Some(_) => {}
-            None => log::warn!("evicting blob {blob_id}: the delete job never ran"),
+            Some(JobOutput::Opened(Ok(blob))) => {
+                self.index.insert(blob);
+                log::info!("GetBlob {blob_id}: the late open returned; the blob is open");
+            }
+            Some(JobOutput::Opened(Err(e))) => {
+                log::info!("GetBlob {blob_id} (late): {e}");
+                self.index.open_failed(&blob_id);
+            }
+            _ => self.index.open_failed(&blob_id),
         }
-        self.deleting.remove(&blob_id);
+    }
+
+    /// The delete of an evicted blob returned (or never ran). Unless its
+    /// files are known gone, the blob is counted again (and evicted again
+    /// later): files left on disk are never forgotten by the accounting.
+    fn deleted(&mut self, blob_id: String, outcome: Option<JobOutput>) {
+        let gone = match outcome {
+            Some(JobOutput::Deleted(Ok(()))) => true,
+            Some(JobOutput::Deleted(Err(e))) => {
+                log::warn!("evicting blob {blob_id}: {e}; counted again");
+                false
+            }
+            _ => {
+                log::warn!("evicting blob {blob_id}: the delete job never ran; counted again");
+                false
+            }
+        };
+        let bytes = self.deleting.remove(&blob_id).map_or(0, |(_, b)| b);
+        if !gone {
+            self.index.delete_failed(&blob_id, bytes);
+        }
         let waiting = self.opening.get(&blob_id).and_then(|w| w.first());
         if let Some(source) = waiting.map(|w| w.source.clone()) {
             // A GetBlob came while the files were going: open them anew.
@@ -374,8 +443,8 @@ impl Service {
     }
 
     fn start_evictions(&mut self) {
-        for id in self.index.take_evictions() {
-            self.deleting.insert(id.clone(), Deletion::Running);
+        for (id, bytes) in self.index.take_evictions() {
+            self.deleting.insert(id.clone(), (Deletion::Running, bytes));
             self.jobs.start(JobKind::Delete { id });
         }
     }
@@ -406,10 +475,17 @@ impl Service {
                 self.start_evictions();
                 return self.jobs.fills_of(key, id);
             }
-            JobKind::Open { id: blob_id, .. } => self.fail_opens(&blob_id),
+            JobKind::Open { id: blob_id, .. } => {
+                // Exclusive until the stuck worker really returns: a second
+                // open would race its sizing (set_len) of the same files.
+                self.stuck_opens.insert(blob_id.clone());
+                self.fail_opens(&blob_id);
+            }
             JobKind::Delete { id: blob_id } => {
                 // Exclusive until the stuck worker really returns.
-                self.deleting.insert(blob_id.clone(), Deletion::Stuck);
+                if let Some((d, _)) = self.deleting.get_mut(&blob_id) {
+                    *d = Deletion::Stuck;
+                }
                 self.fail_opens(&blob_id);
             }
             JobKind::Checkpoint { .. } => {}

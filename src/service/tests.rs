@@ -20,6 +20,16 @@ const CONN: fn() -> ConnId = || ConnId::new(1, 0);
 impl Harness {
     /// A service over blobs `(name, size)` in a local backend, granule 4 KiB.
     fn new(blobs: &[(&str, usize)], limit: Option<u64>) -> Harness {
+        Harness::with_leftovers(blobs, limit, &[])
+    }
+
+    /// [`Harness::new`] over a work dir where a previous run left the data
+    /// files `(name, size)` (and no maps).
+    fn with_leftovers(
+        blobs: &[(&str, usize)],
+        limit: Option<u64>,
+        leftovers: &[(&str, usize)],
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let be_dir = dir.path().join("be");
         std::fs::create_dir(&be_dir).unwrap();
@@ -32,6 +42,9 @@ impl Harness {
         cfg.max_job = 8192;
         cfg.limit = limit;
         cfg.prepare().unwrap();
+        for (name, size) in leftovers {
+            std::fs::write(cfg.data_dir().join(name), vec![1u8; *size]).unwrap();
+        }
         let cfg = Arc::new(cfg);
         let backend: Arc<dyn crate::backend::Backend> = Arc::new(LocalFs::new(be_dir));
         let sources = Arc::new(Sources::new(backend, None, Default::default()));
@@ -366,4 +379,117 @@ fn readahead_runs_in_the_background_and_never_marks_unwritten_granules() {
     for (id, kind) in ahead {
         h.svc.job_done(id, Some(h.runner.run(kind)));
     }
+}
+
+/// Review finding: an Open job abandoned at the backend timeout dropped its
+/// id from `opening`, so the next GetBlob started a second Open while the
+/// first was still running; the late one could then size the data file to
+/// zero under granules the second had filled. The id now stays exclusive
+/// (GetBlob answers EIO, no Open starts) until the late Open returns.
+#[test]
+fn an_abandoned_open_keeps_its_blob_exclusive_until_it_returns() {
+    let mut h = Harness::new(&[("a", 8192)], None);
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    let (open, kind) = h.svc.take_jobs().next().expect("an open job");
+    assert!(matches!(kind, JobKind::Open { .. }));
+    // The open hangs past the timeout: its GetBlob fails now.
+    h.svc.job_expired(open, Duration::from_secs(1));
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // A GetBlob meanwhile fails at once and starts no second open.
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    assert!(
+        h.svc.take_jobs().next().is_none(),
+        "no second open while the first is stuck"
+    );
+    assert_eq!(h.replies(), vec![(tag, Reply::blob_error(Errno::Io))]);
+    // The stuck open returns: its blob is kept and served without another.
+    let out = h.runner.run(kind);
+    h.svc.job_done(open, Some(out));
+    let tag = h.send(Request::get_blob(1, "a").unwrap(), true);
+    assert!(h.svc.take_jobs().next().is_none(), "a hit");
+    let r = h.replies();
+    assert!(matches!(r.as_slice(), [(t, Reply::GetBlob { result: 0, .. })] if *t == tag));
+}
+
+/// A late open that failed leaves the id free for a new one.
+#[test]
+fn a_failed_late_open_lets_the_next_getblob_open_again() {
+    let mut h = Harness::new(&[("a", 8192)], None);
+    h.send(Request::get_blob(1, "a").unwrap(), true);
+    let (open, _) = h.svc.take_jobs().next().expect("an open job");
+    h.svc.job_expired(open, Duration::from_secs(1));
+    h.replies();
+    h.svc.job_done(open, None);
+    assert!(matches!(h.get_blob("a"), Reply::GetBlob { result: 0, .. }));
+}
+
+/// Review finding: opening a cold blob (files left by an earlier run) took
+/// its bytes out of the accounting before the open ran, and a failed open
+/// never put them back: its files stayed on disk, uncounted by
+/// --cache-size and never evicted. Now they stay counted and evictable.
+#[test]
+fn a_cold_blob_whose_open_fails_stays_counted_and_evictable() {
+    // "gone" is on disk but no longer in the backend, and has no map.
+    let mut h = Harness::with_leftovers(&[("a", 8192)], Some(10_000), &[("gone", 8192)]);
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+    assert_eq!(h.get_blob("gone"), Reply::blob_error(Errno::NoEnt));
+    assert_eq!(h.svc.index().used_bytes(), 8192, "still counted");
+    // Filling "a" goes over the limit: the cold blob is the one evicted.
+    let t = h.token("a");
+    h.fetch(t, 0, 8192);
+    let (fill, kind) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_done(fill, Some(h.runner.run(kind)));
+    let deletes: Vec<_> = h
+        .svc
+        .take_jobs()
+        .filter(|(_, k)| matches!(k, JobKind::Delete { id } if id == "gone"))
+        .collect();
+    assert_eq!(deletes.len(), 1, "the cold blob is evicted");
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+}
+
+/// A cold blob whose open was abandoned is not evicted under the stuck
+/// worker, and is counted (and evictable) again once it returns failed.
+#[test]
+fn a_cold_blob_is_not_evicted_while_its_open_is_stuck() {
+    let mut h = Harness::with_leftovers(&[], Some(1 << 20), &[("gone", 8192)]);
+    h.send(Request::get_blob(1, "gone").unwrap(), true);
+    let (open, _) = h.svc.take_jobs().next().unwrap();
+    h.svc.job_expired(open, Duration::from_secs(1));
+    h.replies();
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+    h.svc.job_done(open, None);
+    assert_eq!(h.svc.index().used_bytes(), 8192);
+}
+
+/// Review finding: a Delete job dropped from the queue (it never ran) only
+/// logged and cleared the deleting mark: the evicted blob's files stayed on
+/// disk, counted nowhere, and the cache stayed over --cache-size until a
+/// restart. Now the blob is counted again and evicted again later.
+#[test]
+fn a_delete_that_never_ran_counts_its_blob_again() {
+    let (mut h, delete, _kind) = evict_a_by_filling_b();
+    assert_eq!(h.svc.index().used_bytes(), 8192, "b only");
+    h.svc.job_done(delete, None);
+    assert_eq!(
+        h.svc.index().used_bytes(),
+        2 * 8192,
+        "a's files are counted"
+    );
+    // The next fill over the limit evicts "a" again.
+    let tb = h.token("b");
+    h.send(Request::get_blob(3, "b").unwrap(), true);
+    h.replies();
+    let _ = tb;
+    h.svc.job_done(delete, None); // a stale completion changes nothing
+    assert_eq!(h.svc.index().used_bytes(), 2 * 8192);
+}
+
+/// Review finding: the cache gauges read 0 after a start or an upgrade
+/// until something changed. They show what the work dir holds at once.
+#[test]
+fn the_cache_gauges_show_the_work_dir_from_the_start() {
+    let h = Harness::with_leftovers(&[], None, &[("x", 8192), ("y", 4096)]);
+    let c = &h.svc.metrics().cache;
+    assert_eq!((c.bytes.get(), c.blobs.get()), (12288, 2));
 }

@@ -6,6 +6,7 @@
 
 use super::Blob;
 use crate::backend::{Backend, BackendError};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::TryLockError;
 
@@ -104,22 +105,62 @@ impl Blob {
         Ok(())
     }
 
-    /// Forgets every ready granule and the bytes behind them.
+    /// Forgets every ready granule and the bytes behind them, in the order
+    /// a crash at any point cannot turn into a trusted map over dropped
+    /// bytes: the bits are cleared in memory, the cleared map is written
+    /// and synced, and only then are the bytes punched out. All under the
+    /// map lock, with the discard counted, so no fill marks granules whose
+    /// bytes it wrote before the punch.
     pub(super) fn discard(&self) {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.discards.fetch_add(1, Ordering::AcqRel);
         for w in self.ready.iter() {
             w.store(0, Ordering::Release);
         }
-        // Punch the bad bytes out before the hash starts over, so it never
-        // covers them; a failure here is harmless since nothing is marked
-        // ready any more.
-        let _ = self
-            .data
-            .set_len(0)
-            .and_then(|_| self.data.set_len(self.size));
-        self.checksum.reset();
         self.verified.store(false, Ordering::Release);
-        if let Err(e) = self.persist(false) {
-            log::warn!("blob {}: writing readiness map: {e}", self.id);
+        let cleared = map
+            .write_all_at(&self.encode_map(false), 0)
+            .and_then(|_| map.sync_data());
+        if let Err(e) = cleared {
+            log::warn!("blob {}: writing its cleared readiness map: {e}", self.id);
+            // An empty map file means nothing is ready.
+            if let Err(e) = map.set_len(0).and_then(|_| map.sync_data()) {
+                // The map on disk may still vouch for these bytes: keep them
+                // (a crash then leaves the blob as it was, not zeroed under a
+                // trusted map); the refill writes over them.
+                log::error!("blob {}: cannot clear its readiness map: {e}", self.id);
+                self.checksum.reset();
+                return;
+            }
+        }
+        #[cfg(test)]
+        tests::before_bytes_go(self);
+        // Drop the bad bytes before the hash starts over, so it never covers
+        // them; a failure here is harmless since nothing is marked ready.
+        if let Err(e) = self.punch_out() {
+            log::warn!("blob {}: dropping its bytes: {e}", self.id);
+        }
+        self.checksum.reset();
+        drop(map);
+    }
+
+    /// Frees every byte of the data file while keeping its length, so a
+    /// reader that mmaps it never sees it shrink (a punched range reads as
+    /// zeros); where punching is unsupported, truncates to 0 and back.
+    fn punch_out(&self) -> std::io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let len = i64::try_from(self.size).unwrap_or(i64::MAX);
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(&self.data, flags, 0, len) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => self
+                .data
+                .set_len(0)
+                .and_then(|_| self.data.set_len(self.size)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -153,6 +194,122 @@ mod tests {
         fn describe(&self) -> String {
             "digested".into()
         }
+    }
+
+    /// A hook on a blob, for tests.
+    type Hook = Box<dyn FnMut(&Blob)>;
+
+    thread_local! {
+        /// Run by `discard` on this thread at the moment the bytes go.
+        static BEFORE_BYTES_GO: std::cell::RefCell<Option<Hook>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// The test hook of `discard`: calls the hook set on this thread.
+    pub(super) fn before_bytes_go(b: &Blob) {
+        BEFORE_BYTES_GO.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(b)
+            }
+        });
+    }
+
+    /// Review finding: `discard` dropped the bytes first and persisted the
+    /// cleared map after, so a kill -9 between the two left a map of this
+    /// boot (trusted) vouching for zeroed bytes. Now, when the bytes go,
+    /// the map on disk already shows nothing ready; and they go by punching
+    /// holes, so the file's length never drops under a reader's mmap.
+    #[test]
+    fn a_discarded_blob_has_its_map_cleared_on_disk_before_its_bytes_go() {
+        let (_d, cfg, be, data) = setup(4 * 4096, 4096);
+        let wrong = digested(be, b"other");
+        let b = Blob::open(&cfg, &wrong, "b").unwrap();
+        assert!(!b.fill(&wrong, 0, 3).unwrap());
+        let map_path = cfg.map_dir().join("b");
+        let seen = std::rc::Rc::new(std::cell::Cell::new(None));
+        let (seen2, path2) = (seen.clone(), map_path.clone());
+        let boot = crate::cache::map::current_boot_id();
+        BEFORE_BYTES_GO.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |b: &Blob| {
+                let stored = crate::cache::map::load(&path2, 4096, &boot).unwrap();
+                let on_disk: u32 =
+                    stored.map_or(0, |m| m.bits.iter().map(|w| w.count_ones()).sum());
+                let mut first = [0u8; 16];
+                b.data.read_exact_at(&mut first, 0).unwrap();
+                seen2.set(Some((on_disk, first)));
+            }))
+        });
+        let e = b.fill(&wrong, 3, 1).unwrap_err();
+        BEFORE_BYTES_GO.with(|h| *h.borrow_mut() = None);
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        let (on_disk, first) = seen.get().expect("the bytes went");
+        assert_eq!(on_disk, 0, "the map on disk still marked granules ready");
+        assert_eq!(first[..], data[..16], "the bytes were still there");
+        // Gone now, and the file kept its length.
+        let mut now = [0u8; 16];
+        b.data.read_exact_at(&mut now, 0).unwrap();
+        assert_eq!(now, [0u8; 16]);
+        assert_eq!(b.data.metadata().unwrap().len(), 4 * 4096);
+        assert_eq!(b.ready_count(), 0);
+    }
+
+    /// Writes like its inner backend, then holds the fill until told to go
+    /// (after reporting that the bytes are written).
+    struct Gated {
+        inner: Digested,
+        written: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Backend for Gated {
+        fn blob_size(&self, id: &str) -> Result<u64, BackendError> {
+            self.inner.blob_size(id)
+        }
+        fn read_into(&self, id: &str, off: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+            self.inner.read_into(id, off, len, dst)?;
+            let _ = self.written.lock().unwrap().send(());
+            let _ = self.go.lock().unwrap().recv();
+            Ok(())
+        }
+        fn expected_sha256(&self, id: &str) -> Option<[u8; 32]> {
+            self.inner.expected_sha256(id)
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    /// Found while fixing `discard`: a fill that wrote its bytes before a
+    /// discard punched them out, and marked its granules after, left them
+    /// ready over zeros. Such a fill now marks nothing.
+    #[test]
+    fn a_fill_that_ran_across_a_discard_marks_nothing() {
+        let (d, cfg, be, _) = setup(4 * 4096, 4096);
+        let wrong = digested(be, b"other");
+        let b = Arc::new(Blob::open(&cfg, &wrong, "b").unwrap());
+        assert!(!b.fill(&wrong, 0, 3).unwrap());
+        // A stale refill of granule 1 (abandoned, refilled, now returning)
+        // writes its bytes and is held before it marks them.
+        let (written_tx, written) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let gated = Gated {
+            inner: digested(crate::backend::LocalFs::new(d.path().join("be")), b"other"),
+            written: std::sync::Mutex::new(written_tx),
+            go: std::sync::Mutex::new(go_rx),
+        };
+        let b2 = b.clone();
+        let stale = std::thread::spawn(move || b2.fill_from(&gated, "b", 1, 1));
+        written
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        // The last granule completes the blob, which fails its check.
+        let e = b.fill(&wrong, 3, 1).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        go.send(()).unwrap();
+        let r = stale.join().unwrap();
+        assert!(r.is_err(), "the stale fill reported {r:?}");
+        assert!(!b.is_ready(1), "granule 1 marked ready over punched bytes");
+        assert_eq!(b.ready_count(), 0);
     }
 
     fn digested(be: crate::backend::LocalFs, data: &[u8]) -> Digested {

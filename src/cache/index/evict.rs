@@ -68,7 +68,13 @@ impl Index {
             .filter(|(_, b)| b.refs == 0 && b.inflight.is_empty())
             .map(|(_, b)| b.bytes)
             .sum();
-        open + self.cold.values().map(|c| c.bytes).sum::<u64>()
+        let cold: u64 = self
+            .cold
+            .values()
+            .filter(|c| !c.opening)
+            .map(|c| c.bytes)
+            .sum();
+        open + cold
     }
 
     /// A fill hit ENOSPC: the file system is fuller than the last figure
@@ -131,7 +137,7 @@ impl Index {
             Cause::NoSpace => "after a write ran out of space",
         };
         log::info!("evicting blob {id} ({bytes} bytes) {why}");
-        self.evicted.push(id);
+        self.evicted.push((id, bytes));
         let e = &mut self.evictions;
         match cause {
             Cause::Size => e.size += 1,
@@ -152,6 +158,7 @@ impl Index {
         let cold = self
             .cold
             .iter()
+            .filter(|(_, c)| !c.opening)
             .min_by_key(|(_, c)| c.last_used)
             .map(|(id, c)| (c.last_used, None, id.as_str()));
         let victim = match (open, cold) {

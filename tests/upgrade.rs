@@ -240,6 +240,60 @@ impl Drop for Successor {
     }
 }
 
+/// A daemon on its default socket (no --sock, no BLOBMGR_SOCK, no config
+/// file), whose socket was bound under a temporary name and linked into
+/// place: after an upgrade the new daemon knows the real path, so
+/// `blobmgr status` finds `<sock>.metrics`, no bind dir is left behind,
+/// a second upgrade works, and a stop removes the socket file.
+#[test]
+fn an_upgrade_keeps_the_default_socket_path() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    d.sock_arg = false;
+    d.sock = dir.join(".blobmgr/blobmgr.sock");
+    d.spawn();
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let mut pid = daemon_pid(&d.sock);
+    for round in 0..2 {
+        let out = upgrade_cmd(&exe, &d.sock);
+        assert!(
+            out.status.success(),
+            "upgrade {round}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log_text()
+        );
+        pid = handed_over(&d.sock, pid);
+        last.0.store(pid as u64, Ordering::Relaxed);
+        let status = Command::new(&exe)
+            .arg("status")
+            .current_dir(&dir)
+            .env_remove("BLOBMGR_SOCK")
+            .output()
+            .expect("run blobmgr status");
+        assert!(
+            status.status.success(),
+            "status after upgrade {round}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&status.stderr),
+            d.log_text()
+        );
+        let left: Vec<String> = std::fs::read_dir(dir.join(".blobmgr"))
+            .expect("the socket's dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".blobmgr-bind-"))
+            .collect();
+        assert!(left.is_empty(), "bind dirs left: {left:?}");
+    }
+    kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(Duration::from_secs(30), || !alive(pid)));
+    assert!(
+        !d.sock.exists(),
+        "the socket file goes with the daemon that owns it\nlog:\n{}",
+        d.log_text()
+    );
+    drop(last);
+}
+
 /// Under a service manager: the old daemon says RELOADING=1, the new one
 /// READY=1 with its own MAINPID, so the manager follows the new process.
 #[test]

@@ -44,6 +44,7 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     // First, while this is the only thread: systemd's variables leave the
     // environment, so the processes the daemon starts do not see them.
     let mut manager = Manager::from_env()?;
+    let handed_sock = upgrade::handed_sock();
     let successor = Successor::record();
     let mut opts = match &flags.config {
         Some(path) => {
@@ -54,12 +55,7 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         None => flags,
     };
     let mut listener = manager.listener()?;
-    if let (Some(l), None) = (&listener, &opts.sock) {
-        // The passed socket is the daemon's socket, `<sock>.metrics` included
-        // (a --sock given names it: a socket handed over by an upgrade was
-        // bound under a temporary name before it was linked into place).
-        opts.sock = Some(l.path().to_path_buf());
-    }
+    opts.sock = passed_sock_path(listener.as_ref(), opts.sock.take(), handed_sock);
     let mut cfg = server_config(&opts)?;
     // Everything that may fail without touching the work dir comes first: a
     // successor says READY only after it, so a bad setting stops the upgrade
@@ -77,6 +73,35 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     let lock = manager.lock_workdir(&cfg.cache.workdir)?;
     let daemon = Daemon { lock, successor };
     run_server(cfg, backend, listener, &mut manager, daemon)
+}
+
+/// The daemon's socket path (`<sock>.metrics` sits beside it) when a socket
+/// was passed: the path an upgrade's old daemon handed over (the socket's
+/// own name may be the temporary one it was bound under before it was
+/// linked into place), else `--sock` if given, else the passed socket's
+/// name (systemd binds it where it lives). Without a passed socket,
+/// `--sock` as given.
+fn passed_sock_path(
+    listener: Option<&Listener>,
+    given: Option<PathBuf>,
+    handed: Option<PathBuf>,
+) -> Option<PathBuf> {
+    let Some(l) = listener else {
+        return given;
+    };
+    match (handed, given) {
+        (Some(h), Some(g)) if h != g => {
+            log::warn!(
+                "upgrade: the socket handed over lives at {}, not at --sock {}; serving it there",
+                h.display(),
+                g.display()
+            );
+            Some(h)
+        }
+        (Some(h), _) => Some(h),
+        (None, Some(g)) => Some(g),
+        (None, None) => Some(l.path().to_path_buf()),
+    }
 }
 
 /// The daemon's settings from the merged options.
@@ -316,9 +341,12 @@ fn run_server(
         }
         if upgrade_asked && pending.is_none() {
             log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
-            let notify = manager.notify_socket();
+            let inherit = upgrade::Inherit {
+                sock: sock.clone(),
+                notify_socket: manager.notify_socket(),
+            };
             let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
-            match upgrade::start(&daemon.successor, socket, lock, notify) {
+            match upgrade::start(&daemon.successor, socket, lock, inherit) {
                 Ok(p) => {
                     wake.add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
                     wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2))?;

@@ -2,7 +2,8 @@
 //! the daemon starts the binary installed at the path it was started from,
 //! with the same arguments, and hands it the listening socket and the work
 //! dir lock the way socket activation passes fds (`LISTEN_FDS`, names
-//! `blobmgr` and `blobmgr-workdir-lock`), plus two pipes:
+//! `blobmgr` and `blobmgr-workdir-lock`), the socket's configured path
+//! (`BLOBMGR_HANDOVER_SOCK`), plus two pipes:
 //!
 //! 1. the new process adopts the socket and the lock, says `READY` on the
 //!    first pipe, and waits for the second to close;
@@ -37,6 +38,12 @@ use std::time::{Duration, Instant};
 
 /// Names the pipes of a handover: `READY_FD,RELEASE_FD` in the new process.
 const PIPES_ENV: &str = "BLOBMGR_HANDOVER_PIPES";
+/// The daemon's socket path, as the old daemon was configured with it (or
+/// as systemd passed it). The new process cannot read it off the socket: a
+/// socket [`blobmgr::listener::Listener::bind`] made was bound under a
+/// temporary name and hard-linked into place, and `getsockname` still
+/// answers the temporary name, long gone.
+const SOCK_ENV: &str = "BLOBMGR_HANDOVER_SOCK";
 /// How long the new binary may take to say it is ready.
 const READY_WAIT: Duration = Duration::from_secs(20);
 /// How long the old daemon waits for the requests it read.
@@ -95,13 +102,30 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
+/// What the old daemon hands its successor besides the fds.
+pub struct Inherit {
+    /// The daemon's socket path (see [`SOCK_ENV`]).
+    pub sock: PathBuf,
+    /// `NOTIFY_SOCKET`, when a service manager listens.
+    pub notify_socket: Option<OsString>,
+}
+
+/// The socket path an old daemon handed over, taken out of the environment
+/// (call it first, before any thread starts); `None` in a daemon not
+/// started by an upgrade.
+pub fn handed_sock() -> Option<PathBuf> {
+    let v = std::env::var_os(SOCK_ENV)?;
+    std::env::remove_var(SOCK_ENV);
+    Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty())
+}
+
 /// Starts the successor with the socket and the lock; its `READY` comes
 /// later (see [`Pending`]). `Err`: it could not be started.
 pub fn start(
     s: &Successor,
     socket: BorrowedFd<'_>,
     lock: BorrowedFd<'_>,
-    notify_socket: Option<OsString>,
+    inherit: Inherit,
 ) -> Result<Pending, Fail> {
     let fds = [high_dup(socket)?, high_dup(lock)?];
     let (ready_r, ready_w_low) = pipe()?;
@@ -126,8 +150,9 @@ pub fn start(
         .env("LISTEN_FDS", "2")
         .env("LISTEN_FDNAMES", "blobmgr:blobmgr-workdir-lock")
         .env(PIPES_ENV, "5,6")
+        .env(SOCK_ENV, &inherit.sock)
         .stdin(Stdio::null());
-    if let Some(v) = notify_socket {
+    if let Some(v) = inherit.notify_socket {
         cmd.env("NOTIFY_SOCKET", v);
     }
     // SAFETY: only dup2, which is async-signal-safe, runs between fork and

@@ -8,6 +8,7 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::Pid;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -289,6 +290,56 @@ fn an_upgrade_keeps_the_default_socket_path() {
     assert!(
         !d.sock.exists(),
         "the socket file goes with the daemon that owns it\nlog:\n{}",
+        d.log_text()
+    );
+    drop(last);
+}
+
+/// A socket-activated daemon upgraded: the socket's file is the socket
+/// unit's (here `systemd-socket-activate`'s), so the new daemon leaves it
+/// in place at a stop, as the old one would have.
+#[test]
+fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        activate,
+        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
+    );
+    let mut d = Daemon::prepare(&[]);
+    let sock = d.sock.display().to_string();
+    d.launcher = vec!["systemd-socket-activate".into(), "-l".into(), sock];
+    d.spawn();
+    let made = std::fs::symlink_metadata(&d.sock)
+        .expect("socket file")
+        .ino();
+    // spawn() returns once a connect succeeds, which the activator's
+    // backlog allows before the daemon runs: a Noop answered means it
+    // serves (and SIGUSR2 no longer has its default action).
+    let noop = blobmgr::protocol::Request::Noop;
+    assert_eq!(d.raw().call(&noop), blobmgr::protocol::Reply::Noop);
+    // The activator execs the daemon in place: same pid.
+    let old = d.pid();
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let out = upgrade_cmd(Path::new(bin()), &d.sock);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    kill(Pid::from_raw(new), Signal::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(Duration::from_secs(30), || !alive(new)));
+    let left = std::fs::symlink_metadata(&d.sock).map(|m| m.ino());
+    assert_eq!(
+        left.ok(),
+        Some(made),
+        "the passed socket's file is left in place\nlog:\n{}",
         d.log_text()
     );
     drop(last);

@@ -55,7 +55,9 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         None => flags,
     };
     let mut listener = manager.listener()?;
-    opts.sock = passed_sock_path(listener.as_ref(), opts.sock.take(), handed_sock);
+    let owned = handed_sock.as_ref().is_some_and(|h| h.owned);
+    let handed_path = handed_sock.map(|h| h.path);
+    opts.sock = passed_sock_path(listener.as_ref(), opts.sock.take(), handed_path);
     let mut cfg = server_config(&opts)?;
     // Everything that may fail without touching the work dir comes first: a
     // successor says READY only after it, so a bad setting stops the upgrade
@@ -63,8 +65,9 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     let backend = backend(&opts, cfg.backend_timeout)?;
     cfg.references = Some(references(&opts, cfg.backend_timeout)?);
     // Started by an upgrade: wait until the old daemon let go of the work
-    // dir; the socket file is then ours to remove at a stop, as it was its.
-    if upgrade::take_over()? {
+    // dir; the socket file is then ours to remove at a stop if it was its
+    // (not if systemd passed the socket: the socket unit owns the file).
+    if upgrade::take_over()? && owned {
         if let Some(l) = listener.as_mut() {
             l.own_file(&cfg.sock);
         }
@@ -343,6 +346,7 @@ fn run_server(
             log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
             let inherit = upgrade::Inherit {
                 sock: sock.clone(),
+                owned: server.owns_socket_file(),
                 notify_socket: manager.notify_socket(),
             };
             let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());

@@ -3,7 +3,9 @@
 //! with the same arguments, and hands it the listening socket and the work
 //! dir lock the way socket activation passes fds (`LISTEN_FDS`, names
 //! `blobmgr` and `blobmgr-workdir-lock`), the socket's configured path
-//! (`BLOBMGR_HANDOVER_SOCK`), plus two pipes:
+//! (`BLOBMGR_HANDOVER_SOCK`) and whether its file is the daemon's to remove
+//! (`BLOBMGR_HANDOVER_SOCK_OWNED`: not when systemd passed the socket),
+//! plus two pipes:
 //!
 //! 1. the new process adopts the socket and the lock, says `READY` on the
 //!    first pipe, and waits for the second to close;
@@ -44,6 +46,10 @@ const PIPES_ENV: &str = "BLOBMGR_HANDOVER_PIPES";
 /// temporary name and hard-linked into place, and `getsockname` still
 /// answers the temporary name, long gone.
 const SOCK_ENV: &str = "BLOBMGR_HANDOVER_SOCK";
+/// `1` when the socket's file is the daemon's to remove at exit (a daemon
+/// bound it), `0` when it is not (systemd passed the socket: its socket
+/// unit owns the file). The new process cannot tell the two apart.
+const OWNED_ENV: &str = "BLOBMGR_HANDOVER_SOCK_OWNED";
 /// How long the new binary may take to say it is ready.
 const READY_WAIT: Duration = Duration::from_secs(20);
 /// How long the old daemon waits for the requests it read.
@@ -106,17 +112,36 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 pub struct Inherit {
     /// The daemon's socket path (see [`SOCK_ENV`]).
     pub sock: PathBuf,
+    /// Whether the socket's file is the daemon's to remove (see
+    /// [`OWNED_ENV`]).
+    pub owned: bool,
     /// `NOTIFY_SOCKET`, when a service manager listens.
     pub notify_socket: Option<OsString>,
 }
 
-/// The socket path an old daemon handed over, taken out of the environment
+/// What an old daemon said about the socket it handed over.
+pub struct HandedSock {
+    /// The daemon's socket path.
+    pub path: PathBuf,
+    /// Whether its file is the daemon's to remove at exit.
+    pub owned: bool,
+}
+
+/// The socket an old daemon handed over, taken out of the environment
 /// (call it first, before any thread starts); `None` in a daemon not
-/// started by an upgrade.
-pub fn handed_sock() -> Option<PathBuf> {
-    let v = std::env::var_os(SOCK_ENV)?;
+/// started by an upgrade. Without the ownership variable the file is not
+/// owned: leaving a file behind is the safe mistake.
+pub fn handed_sock() -> Option<HandedSock> {
+    let path = std::env::var_os(SOCK_ENV);
+    let owned = std::env::var_os(OWNED_ENV);
     std::env::remove_var(SOCK_ENV);
-    Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty())
+    std::env::remove_var(OWNED_ENV);
+    let path = PathBuf::from(path?);
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    let owned = owned.is_some_and(|v| v == "1");
+    Some(HandedSock { path, owned })
 }
 
 /// Starts the successor with the socket and the lock; its `READY` comes
@@ -151,6 +176,7 @@ pub fn start(
         .env("LISTEN_FDNAMES", "blobmgr:blobmgr-workdir-lock")
         .env(PIPES_ENV, "5,6")
         .env(SOCK_ENV, &inherit.sock)
+        .env(OWNED_ENV, if inherit.owned { "1" } else { "0" })
         .stdin(Stdio::null());
     if let Some(v) = inherit.notify_socket {
         cmd.env("NOTIFY_SOCKET", v);

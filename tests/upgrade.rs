@@ -345,6 +345,46 @@ fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
     drop(last);
 }
 
+/// Under a manager's watchdog (`WATCHDOG_USEC`): the upgraded daemon goes on
+/// pinging it, with its own pid, or the manager would kill it once
+/// `WatchdogSec=` passed.
+#[test]
+fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    d.env.push(("WATCHDOG_USEC".into(), "200000".into()));
+    d.spawn();
+    let old = d.pid();
+    let log = || d.log_text();
+    notes.until("WATCHDOG=1 from the first daemon", log, |n| {
+        n.pid == old && n.has("WATCHDOG=1")
+    });
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let out = upgrade_cmd(&exe, &d.sock);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    // Pings from the new daemon, after its READY=1 (which pings once too).
+    notes.until("READY=1 from the new daemon", log, |n| {
+        n.pid == new && n.has("READY=1")
+    });
+    for _ in 0..3 {
+        notes.until("WATCHDOG=1 from the new daemon", log, |n| {
+            n.pid == new && n.has("WATCHDOG=1")
+        });
+    }
+    let _ = kill(Pid::from_raw(new), Signal::SIGTERM);
+    assert!(wait_until(Duration::from_secs(30), || !alive(new)));
+    drop(last);
+}
+
 /// Under a service manager: the old daemon says RELOADING=1, the new one
 /// READY=1 with its own MAINPID, so the manager follows the new process.
 #[test]

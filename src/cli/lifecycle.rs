@@ -79,13 +79,19 @@ impl Manager {
 
     /// The server is built and its socket accepts: tells the manager
     /// (`READY=1`, `STATUS=`, `MAINPID=`) and starts the watchdog, which
-    /// pings only while a Noop on `sock` is answered.
+    /// pings only while a Noop on `sock` is answered. With a watchdog the
+    /// message pings it too: after an upgrade the manager's timer has run
+    /// since the old daemon's last ping, before its drain.
     pub fn ready(&mut self, status: &str, sock: &Path) {
         let Some(n) = &self.notifier else {
             return;
         };
         let pid = std::process::id();
-        send(n, &format!("READY=1\nSTATUS={status}\nMAINPID={pid}"));
+        let mut msg = format!("READY=1\nSTATUS={status}\nMAINPID={pid}");
+        if self.watchdog_timeout.is_some() {
+            msg.push_str("\nWATCHDOG=1");
+        }
+        send(n, &msg);
         let Some(timeout) = self.watchdog_timeout else {
             return;
         };
@@ -104,6 +110,12 @@ impl Manager {
     /// `NotifyAccess=all` for the manager to listen to it).
     pub fn notify_socket(&self) -> Option<std::ffi::OsString> {
         self.notifier.as_ref()?.env_value().map(|v| v.to_owned())
+    }
+
+    /// The manager's watchdog timeout, for a successor (an upgrade) to
+    /// keep the pings going: `None` without a watchdog.
+    pub fn watchdog_timeout(&self) -> Option<Duration> {
+        self.watchdog_timeout
     }
 
     /// An upgrade began: tells the manager `RELOADING=1` (the successor

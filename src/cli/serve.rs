@@ -348,6 +348,7 @@ fn run_server(
                 sock: sock.clone(),
                 owned: server.owns_socket_file(),
                 notify_socket: manager.notify_socket(),
+                watchdog: manager.watchdog_timeout(),
             };
             let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
             match upgrade::start(&daemon.successor, socket, lock, inherit) {

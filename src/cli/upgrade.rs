@@ -117,6 +117,11 @@ pub struct Inherit {
     pub owned: bool,
     /// `NOTIFY_SOCKET`, when a service manager listens.
     pub notify_socket: Option<OsString>,
+    /// The manager's watchdog timeout (`WATCHDOG_USEC`), which goes on to
+    /// the successor with `WATCHDOG_PID` naming it: it is the process the
+    /// manager watches once it took over (`sd_watchdog_enabled(3)` ignores
+    /// a `WATCHDOG_PID` that is not the caller's).
+    pub watchdog: Option<Duration>,
 }
 
 /// What an old daemon said about the socket it handed over.
@@ -167,9 +172,10 @@ pub fn start(
         release_r.as_raw_fd(),
     ];
     let mut cmd = Command::new("/bin/sh");
-    // `exec` keeps the shell's pid, so $$ is the daemon's LISTEN_PID.
+    // `exec` keeps the shell's pid, so $$ is the daemon's LISTEN_PID (and
+    // WATCHDOG_PID, which is ignored without WATCHDOG_USEC).
     cmd.arg("-c")
-        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+        .arg("LISTEN_PID=$$ WATCHDOG_PID=$$; export LISTEN_PID WATCHDOG_PID; exec \"$0\" \"$@\"")
         .arg(&s.exe)
         .args(&s.args)
         .env("LISTEN_FDS", "2")
@@ -180,6 +186,9 @@ pub fn start(
         .stdin(Stdio::null());
     if let Some(v) = inherit.notify_socket {
         cmd.env("NOTIFY_SOCKET", v);
+    }
+    if let Some(t) = inherit.watchdog {
+        cmd.env("WATCHDOG_USEC", t.as_micros().to_string());
     }
     // SAFETY: only dup2, which is async-signal-safe, runs between fork and
     // exec; every source fd is >= 10, so no target (3-6) overwrites one.

@@ -385,28 +385,27 @@ fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
     drop(last);
 }
 
-/// Under a service manager: the old daemon says RELOADING=1, the new one
-/// READY=1 with its own MAINPID, so the manager follows the new process.
+/// Under a service manager (`Type=notify`, `ExecReload=kill -USR2
+/// $MAINPID`): the old daemon says RELOADING=1 (with MONOTONIC_USEC), then,
+/// itself and so before it exits, MAINPID=<new pid>: a main process that
+/// exits before the manager knows its successor is the service stopping,
+/// and systemd would kill the new one with the cgroup. The new daemon then
+/// says READY=1, which ends the reload. Each sender is checked with
+/// SCM_CREDENTIALS, as systemd does.
 #[test]
-fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
+fn an_upgrade_hands_the_main_pid_over_before_the_old_daemon_exits() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    use std::os::unix::net::UnixDatagram;
     let (mut d, dir, exe) = daemon_from_copy();
-    let notify = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
     d.env
-        .push(("NOTIFY_SOCKET".into(), notify.display().to_string()));
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
     d.spawn();
-    let mut buf = [0u8; 4096];
-    let mut next = || {
-        let n = sock.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
-    let first = next();
-    assert!(first.contains("READY=1"), "{first}");
-    let old = daemon_pid(&d.sock);
+    let old = d.pid();
+    let log = || d.log_text();
+    let first = notes.until("READY=1", log, |n| n.has("READY=1"));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].pid, old);
+    assert!(first[0].has(&format!("MAINPID={old}")), "{first:?}");
     let last = Successor(Arc::new(AtomicU64::new(0)));
     let out = upgrade_cmd(&exe, &d.sock);
     assert!(
@@ -435,16 +434,62 @@ fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
         "a second daemon on the work dir must be refused"
     );
     assert!(err.contains(&format!("in use by pid {new}")), "{err}");
-    let said: Vec<String> = (0..2).map(|_| next()).collect();
+    let said = notes.until("READY=1 from the new daemon", log, |n| {
+        n.pid == new && n.has("READY=1")
+    });
+    let at = |what: &str, f: &dyn Fn(&Note) -> bool| {
+        said.iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("no {what} in {said:?}"))
+    };
+    let reloading = at("RELOADING=1 from the old daemon", &|n| {
+        n.pid == old
+            && n.has("RELOADING=1")
+            && n.text.lines().any(|l| l.starts_with("MONOTONIC_USEC="))
+    });
+    // Sent by the old process, hence while it was alive.
+    let main_pid = at("MAINPID=<new> from the old daemon", &|n| {
+        n.pid == old && n.has(&format!("MAINPID={new}"))
+    });
+    let ready = said.len() - 1;
+    assert!(reloading < main_pid && main_pid < ready, "{said:?}");
+    assert!(said[ready].has(&format!("MAINPID={new}")), "{said:?}");
     assert!(
-        said[0].contains("RELOADING=1"),
-        "old daemon first: {said:?}"
-    );
-    assert!(
-        said[1].contains("READY=1") && said[1].contains(&format!("MAINPID={new}")),
-        "then the new one, with its pid: {said:?}"
+        !said.iter().any(|n| n.has("READY=1") && n.pid == old),
+        "the old daemon ends no reload: {said:?}"
     );
     let _ = kill(Pid::from_raw(new), Signal::SIGTERM);
     assert!(wait_until(Duration::from_secs(30), || !alive(new)));
     drop(last);
+}
+
+/// An upgrade whose new binary fails: the reload the old daemon announced
+/// ends with its own READY=1, and it stays the main pid.
+#[test]
+fn a_failed_upgrade_ends_the_reload_with_the_old_daemon_ready() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    d.spawn();
+    let old = d.pid();
+    let log = || d.log_text();
+    notes.until("READY=1", log, |n| n.has("READY=1"));
+    let broken = dir.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let good = dir.join("good");
+    install(Path::new(bin()), &good);
+    install(&broken, &exe);
+    let out = upgrade_cmd(&good, &d.sock);
+    assert!(!out.status.success(), "the upgrade fails");
+    let said = notes.until("READY=1 again", log, |n| n.has("READY=1"));
+    assert!(
+        said.iter()
+            .all(|n| n.pid == old && !n.text.contains("MAINPID=")),
+        "{said:?}"
+    );
+    assert!(said[0].has("RELOADING=1"), "{said:?}");
+    assert_eq!(daemon_pid(&d.sock), old, "the old daemon serves on");
 }

@@ -2,7 +2,8 @@
 //! under systemd"): the listening socket it may pass (socket activation),
 //! the work dir lock, and the notifications: `READY=1` once the socket
 //! accepts, `WATCHDOG=1` while the reactor answers, `STOPPING=1` when a
-//! stop begins. Without a manager every step is a no-op except the lock.
+//! stop begins, and for an upgrade `RELOADING=1`, then `MAINPID=` of the
+//! new process before this one exits (or `READY=1` again if it failed). Without a manager every step is a no-op except the lock.
 
 use crate::cli::Fail;
 use blobmgr::client::Client;
@@ -105,9 +106,9 @@ impl Manager {
         }
     }
 
-    /// `NOTIFY_SOCKET` for a successor (an upgrade), which then tells the
-    /// manager its own `MAINPID` and `READY=1` (the unit needs
-    /// `NotifyAccess=all` for the manager to listen to it).
+    /// `NOTIFY_SOCKET` for a successor (an upgrade), which says `READY=1`
+    /// once it serves; by then this process made it the main one
+    /// ([`Manager::handing_over`]), so `NotifyAccess=main` suffices.
     pub fn notify_socket(&self) -> Option<std::ffi::OsString> {
         self.notifier.as_ref()?.env_value().map(|v| v.to_owned())
     }
@@ -118,13 +119,42 @@ impl Manager {
         self.watchdog_timeout
     }
 
-    /// An upgrade began: tells the manager `RELOADING=1` (the successor
-    /// will say `READY=1` with its own `MAINPID`) and ends the watchdog.
+    /// An upgrade began (the new binary is starting; this daemon still
+    /// serves and pings the watchdog): tells the manager `RELOADING=1`
+    /// with `MONOTONIC_USEC=` (`sd_notify(3)`; `Type=notify-reload` needs
+    /// it). The reload lasts until a `READY=1`: the successor's, or this
+    /// daemon's if the upgrade fails ([`Manager::reload_failed`]).
     pub fn reloading(&mut self) {
         if let Some(n) = &self.notifier {
-            send(n, "RELOADING=1\nSTATUS=handing over to a new binary");
+            let now = monotonic_usec();
+            send(
+                n,
+                &format!("RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS=starting a new binary"),
+            );
+        }
+    }
+
+    /// The successor is ready to take over: tells the manager it is the
+    /// main process now (`MAINPID=`), and ends this daemon's watchdog. Sent
+    /// before this process drains and exits, by the main process, which the
+    /// manager listens to under any `NotifyAccess=` but `none`: a main
+    /// process that exits before the manager knows of the new one is the
+    /// service stopping, and the manager would kill the successor with
+    /// the rest of the cgroup.
+    pub fn handing_over(&mut self, successor: u32) {
+        if let Some(n) = &self.notifier {
+            let msg = format!("MAINPID={successor}\nSTATUS=handing over to pid {successor}");
+            send(n, &msg);
         }
         drop(self.watchdog.take());
+    }
+
+    /// The upgrade failed and this daemon goes on serving: `READY=1` ends
+    /// the reload, with `status` as before.
+    pub fn reload_failed(&mut self, status: &str) {
+        if let Some(n) = &self.notifier {
+            send(n, &format!("READY=1\nSTATUS={status}"));
+        }
     }
 
     /// A stop began: tells the manager `STOPPING=1` and ends the watchdog.
@@ -133,6 +163,14 @@ impl Manager {
             send(n, "STOPPING=1\nSTATUS=stopping");
         }
         drop(self.watchdog.take());
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, for `MONOTONIC_USEC=`.
+fn monotonic_usec() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64) * 1_000_000 + (t.tv_nsec() as u64) / 1_000,
+        Err(_) => 0,
     }
 }
 

@@ -343,25 +343,7 @@ fn run_server(
             break server.drain(STOP_DRAIN, false);
         }
         if upgrade_asked && pending.is_none() {
-            log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
-            let inherit = upgrade::Inherit {
-                sock: sock.clone(),
-                owned: server.owns_socket_file(),
-                notify_socket: manager.notify_socket(),
-                watchdog: manager.watchdog_timeout(),
-            };
-            let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
-            match upgrade::start(&daemon.successor, socket, lock, inherit) {
-                Ok(p) => {
-                    wake.add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
-                    wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2))?;
-                    pending = Some(p);
-                }
-                Err(Fail(why)) => {
-                    log::error!("{why}");
-                    server.metrics().work.upgrades_failed.bump();
-                }
-            }
+            pending = begin_upgrade(&server, manager, &daemon, &sock, &wake);
         }
         let Some(p) = pending.take() else {
             continue;
@@ -370,13 +352,15 @@ fn run_server(
         match p.check() {
             upgrade::Check::Waiting(p) => pending = Some(p),
             upgrade::Check::Ready(h) => {
+                // The manager learns the new main pid while this one lives.
+                manager.handing_over(h.pid());
                 handover = Some(h);
-                manager.reloading();
                 break server.drain(upgrade::DRAIN_WAIT, true);
             }
             upgrade::Check::Failed(why) => {
                 log::error!("{why}");
                 server.metrics().work.upgrades_failed.bump();
+                manager.reload_failed(&status);
             }
         }
     };
@@ -394,6 +378,50 @@ fn run_server(
     }
     log::info!("stopped");
     Ok(result?)
+}
+
+/// SIGUSR2: starts the successor (`wake` then watches its ready pipe and
+/// deadline) and tells the manager a reload began. `None` when it could not
+/// be started: logged and counted, the daemon goes on serving.
+fn begin_upgrade(
+    server: &Server,
+    manager: &mut Manager,
+    daemon: &Daemon,
+    sock: &Path,
+    wake: &Epoll,
+) -> Option<upgrade::Pending> {
+    log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
+    let inherit = upgrade::Inherit {
+        sock: sock.to_path_buf(),
+        owned: server.owns_socket_file(),
+        notify_socket: manager.notify_socket(),
+        watchdog: manager.watchdog_timeout(),
+    };
+    let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
+    let started = upgrade::start(&daemon.successor, socket, lock, inherit).and_then(|p| {
+        let watched = wake
+            .add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .and_then(|()| wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2)));
+        match watched {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                // Unwatched, it would never be released or reaped.
+                p.abort();
+                Err(Fail(format!("upgrade: watch the new binary: {e}")))
+            }
+        }
+    });
+    match started {
+        Ok(p) => {
+            manager.reloading();
+            Some(p)
+        }
+        Err(Fail(why)) => {
+            log::error!("{why}");
+            server.metrics().work.upgrades_failed.bump();
+            None
+        }
+    }
 }
 
 /// Takes every pending signal: the stop signal if one came, and whether an

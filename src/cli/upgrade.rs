@@ -85,6 +85,11 @@ pub struct Handover {
 }
 
 impl Handover {
+    /// The successor's pid, the service's main pid once it takes over.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The old daemon is done with the work dir: the successor may go on.
     /// With `stop`, a stop was asked for meanwhile: it is passed on.
     pub fn release(self, stop: bool) {

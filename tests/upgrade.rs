@@ -385,6 +385,49 @@ fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
     drop(last);
 }
 
+/// `blobmgr upgrade` on a socket whose listener is not a blobmgr daemon
+/// (here `systemd-socket-activate` holding it with no daemon yet, as
+/// systemd does; SO_PEERCRED names it) refuses with a clear error and
+/// signals nothing: SIGUSR2 would kill that process (or, for PID 1, mean
+/// something else).
+#[test]
+fn upgrade_signals_only_a_blobmgr_daemon() {
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        activate,
+        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("held.sock");
+    let mut holder = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .args(["sleep", "600"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    assert!(
+        wait_until(DAEMON_WAIT, || UnixStream::connect(&sock).is_ok()),
+        "the socket listens"
+    );
+    let out = upgrade_cmd(Path::new(bin()), &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let alive_after = holder.try_wait().expect("try_wait").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!out.status.success(), "refused: {err}");
+    assert!(
+        err.contains(&format!("pid {} behind", holder.id()))
+            && err.contains("is not a blobmgr daemon"),
+        "{err}"
+    );
+    assert!(alive_after, "the socket's holder was not signalled");
+}
+
 /// Under a service manager (`Type=notify`, `ExecReload=kill -USR2
 /// $MAINPID`): the old daemon says RELOADING=1 (with MONOTONIC_USEC), then,
 /// itself and so before it exits, MAINPID=<new pid>: a main process that

@@ -355,6 +355,27 @@ fn daemon_pid(sock: &Path) -> Result<i32, Fail> {
     Ok(cred.pid())
 }
 
+/// Refuses to signal `pid` unless it is a blobmgr daemon (its command name
+/// starts with `blobmgr` and it runs `serve`). `SO_PEERCRED` names whoever
+/// last called `listen()` on the socket: for a socket systemd holds with no
+/// daemon running that is PID 1 (or `systemd-socket-activate`), for which
+/// SIGUSR2 means something else or death, and a pid may have been reused.
+fn check_daemon(pid: i32, sock: &Path) -> Result<(), Fail> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim_end();
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let serves = args.split(|&b| b == 0).skip(1).any(|a| a == b"serve");
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    if pid > 1 && pid != me && comm.starts_with("blobmgr") && serves {
+        return Ok(());
+    }
+    Err(Fail(format!(
+        "pid {pid} behind {} is not a blobmgr daemon (command {comm:?}); not signalling it \
+         (a socket-activated socket with no daemon running? it starts on a connection: try again)",
+        sock.display()
+    )))
+}
+
 /// `blobmgr_upgrades_failed_total` of the daemon behind `sock`, if its
 /// metrics answer.
 fn failed_upgrades(sock: &Path) -> Option<f64> {
@@ -368,10 +389,12 @@ fn failed_upgrades(sock: &Path) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// `blobmgr upgrade`: SIGUSR2 to the daemon behind `sock`, then waits until
+/// `blobmgr upgrade`: SIGUSR2 to the daemon behind `sock` (if it is one:
+/// [`check_daemon`]), then waits until
 /// a new process answers on it, or the daemon reports the upgrade failed.
 pub fn run(sock: &Path) -> Result<(), Fail> {
     let old = daemon_pid(sock)?;
+    check_daemon(old, sock)?;
     let failed_before = failed_upgrades(sock);
     kill(Pid::from_raw(old), Signal::SIGUSR2)
         .map_err(|e| Fail(format!("signal pid {old}: {e}")))?;

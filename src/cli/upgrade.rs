@@ -5,19 +5,23 @@
 //! `blobmgr` and `blobmgr-workdir-lock`), the socket's configured path
 //! (`BLOBMGR_HANDOVER_SOCK`) and whether its file is the daemon's to remove
 //! (`BLOBMGR_HANDOVER_SOCK_OWNED`: not when systemd passed the socket),
-//! plus two pipes:
+//! the service manager's `NOTIFY_SOCKET` and `WATCHDOG_USEC` (with
+//! `WATCHDOG_PID` naming the new process), plus two pipes:
 //!
 //! 1. the new process adopts the socket and the lock, says `READY` on the
 //!    first pipe, and waits for the second to close;
-//! 2. the old one (which kept serving until then) stops accepting and
-//!    reading, answers what it has read, closes its connections, makes the
-//!    cache durable, stops its workers and exits, closing the second pipe;
+//! 2. the old one (which kept serving until then, and told the manager
+//!    `RELOADING=1`) tells the manager `MAINPID=` of the new process while
+//!    it is still the main one, then stops accepting and reading, answers
+//!    what it has read, closes its connections, makes the cache durable,
+//!    stops its workers and exits, closing the second pipe;
 //! 3. the new one opens the work dir, calls `listen()` again (so
-//!    `SO_PEERCRED` on the socket names it) and serves what waited in the
-//!    socket's backlog. No connection attempt is refused.
+//!    `SO_PEERCRED` on the socket names it), tells the manager `READY=1`
+//!    and serves what waited in the socket's backlog. No connection attempt
+//!    is refused.
 //!
-//! If the new binary fails before `READY`, the old one logs why and goes on
-//! serving. A client of the client library sees no failed call: it retries
+//! If the new binary fails before `READY`, the old one logs why, tells the
+//! manager `READY=1` (the reload is over) and goes on serving. A client of the client library sees no failed call: it retries
 //! on a new connection a request whose connection closed unanswered (every
 //! request kind is idempotent).
 

@@ -371,10 +371,26 @@ fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
     );
     let new = handed_over(&d.sock, old);
     last.0.store(new as u64, Ordering::Relaxed);
-    // Pings from the new daemon, after its READY=1 (which pings once too).
-    notes.until("READY=1 from the new daemon", log, |n| {
+    // Nobody pings from the old daemon's drain until the new one is ready:
+    // the old one's MAINPID= pings and lengthens the timeout by the drain's
+    // limit and the new binary's start (30 s + 20 s); the new one's READY=1
+    // pings and restores it.
+    let said = notes.until("READY=1 from the new daemon", log, |n| {
         n.pid == new && n.has("READY=1")
     });
+    let handing = said
+        .iter()
+        .find(|n| n.pid == old && n.has(&format!("MAINPID={new}")))
+        .unwrap_or_else(|| panic!("no MAINPID={new} from the old daemon: {said:?}"));
+    assert!(
+        handing.has("WATCHDOG=1") && handing.has("WATCHDOG_USEC=50200000"),
+        "{handing:?}"
+    );
+    let ready = &said[said.len() - 1];
+    assert!(
+        ready.has("WATCHDOG=1") && ready.has("WATCHDOG_USEC=200000"),
+        "{ready:?}"
+    );
     for _ in 0..3 {
         notes.until("WATCHDOG=1 from the new daemon", log, |n| {
             n.pid == new && n.has("WATCHDOG=1")

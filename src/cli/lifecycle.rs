@@ -81,16 +81,16 @@ impl Manager {
     /// The server is built and its socket accepts: tells the manager
     /// (`READY=1`, `STATUS=`, `MAINPID=`) and starts the watchdog, which
     /// pings only while a Noop on `sock` is answered. With a watchdog the
-    /// message pings it too: after an upgrade the manager's timer has run
-    /// since the old daemon's last ping, before its drain.
+    /// message pings it too and restores its timeout (`WATCHDOG_USEC=`): an
+    /// upgrade's old daemon lengthened it for the handover.
     pub fn ready(&mut self, status: &str, sock: &Path) {
         let Some(n) = &self.notifier else {
             return;
         };
         let pid = std::process::id();
         let mut msg = format!("READY=1\nSTATUS={status}\nMAINPID={pid}");
-        if self.watchdog_timeout.is_some() {
-            msg.push_str("\nWATCHDOG=1");
+        if let Some(t) = self.watchdog_timeout {
+            msg.push_str(&format!("\nWATCHDOG=1\nWATCHDOG_USEC={}", t.as_micros()));
         }
         send(n, &msg);
         let Some(timeout) = self.watchdog_timeout else {
@@ -140,10 +140,17 @@ impl Manager {
     /// manager listens to under any `NotifyAccess=` but `none`: a main
     /// process that exits before the manager knows of the new one is the
     /// service stopping, and the manager would kill the successor with
-    /// the rest of the cgroup.
-    pub fn handing_over(&mut self, successor: u32) {
+    /// the rest of the cgroup. With a watchdog, nobody pings it until the
+    /// successor is ready, after this daemon's drain: the message pings it
+    /// and lengthens its timeout by `handover` (the most the drain and the
+    /// successor's start may take); the successor's `READY=1` restores it.
+    pub fn handing_over(&mut self, successor: u32, handover: Duration) {
         if let Some(n) = &self.notifier {
-            let msg = format!("MAINPID={successor}\nSTATUS=handing over to pid {successor}");
+            let mut msg = format!("MAINPID={successor}\nSTATUS=handing over to pid {successor}");
+            if let Some(t) = self.watchdog_timeout {
+                let longer = (t + handover).as_micros();
+                msg.push_str(&format!("\nWATCHDOG=1\nWATCHDOG_USEC={longer}"));
+            }
             send(n, &msg);
         }
         drop(self.watchdog.take());

@@ -353,7 +353,7 @@ fn run_server(
             upgrade::Check::Waiting(p) => pending = Some(p),
             upgrade::Check::Ready(h) => {
                 // The manager learns the new main pid while this one lives.
-                manager.handing_over(h.pid());
+                manager.handing_over(h.pid(), upgrade::WATCHDOG_GRACE);
                 handover = Some(h);
                 break server.drain(upgrade::DRAIN_WAIT, true);
             }

@@ -58,6 +58,11 @@ const OWNED_ENV: &str = "BLOBMGR_HANDOVER_SOCK_OWNED";
 const READY_WAIT: Duration = Duration::from_secs(20);
 /// How long the old daemon waits for the requests it read.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// How much longer the manager's watchdog waits during a handover: nobody
+/// pings it from the start of the old daemon's drain until the new one is
+/// ready, at most the drain's limit plus the time a new binary is given to
+/// start.
+pub const WATCHDOG_GRACE: Duration = DRAIN_WAIT.saturating_add(READY_WAIT);
 
 /// What the daemon needs to start its successor, recorded at start: after
 /// an install by rename, `/proc/self/exe` names the deleted old file.

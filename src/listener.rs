@@ -178,6 +178,13 @@ impl Listener {
 }
 
 impl Listener {
+    /// Whether this process removes the socket's file when it drops the
+    /// listener: it bound the socket itself, or took the file over from an
+    /// upgrade's old daemon that did. False for a socket systemd passed.
+    pub fn owns_file(&self) -> bool {
+        self.ident.is_some()
+    }
+
     /// The socket now belongs to another process too (an upgrade handed it
     /// over): its file is left in place when this process drops it.
     pub fn keep_file(&mut self) {

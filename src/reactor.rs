@@ -184,6 +184,12 @@ impl Reactor {
         self.listener.inner().as_fd()
     }
 
+    /// Whether the listener's socket file is this process's to remove
+    /// ([`Listener::owns_file`]).
+    pub fn listener_owns_file(&self) -> bool {
+        self.listener.owns_file()
+    }
+
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.conns.len()

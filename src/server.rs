@@ -257,6 +257,13 @@ impl Server {
         self.reactor.listener_fd()
     }
 
+    /// Whether the socket file is this server's to remove at a stop (it
+    /// bound the socket, or an upgrade handed it a socket its predecessor
+    /// bound); false for a socket systemd passed. An upgrade hands this on.
+    pub fn owns_socket_file(&self) -> bool {
+        self.reactor.listener_owns_file()
+    }
+
     /// The worker completion fd (registered as [`COMPLETIONS_ID`]).
     pub fn completion_fd(&self) -> BorrowedFd<'_> {
         self.pool.completion_fd()

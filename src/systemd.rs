@@ -28,6 +28,12 @@ use std::time::{Duration, Instant};
 /// The first fd a service manager passes.
 pub const LISTEN_FDS_START: RawFd = 3;
 
+/// The most fds `LISTEN_FDS` may pass. blobmgr uses two (the socket and the
+/// work dir lock); the bound only keeps a bogus count from sizing an
+/// allocation (`usize::MAX` overflows a `Vec`'s capacity, a few billion
+/// aborts on allocation) before a single fd was checked.
+pub const MAX_LISTEN_FDS: usize = 4096;
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -40,7 +46,9 @@ fn take_var(name: &str) -> Option<String> {
 }
 
 /// How many fds `LISTEN_PID`/`LISTEN_FDS` pass to process `me`: 0 when the
-/// variables are missing or meant for another process.
+/// variables are missing or meant for another process. A count above
+/// [`MAX_LISTEN_FDS`] is an error naming the variable, found before anything
+/// is sized by it.
 fn listen_count(pid: Option<&str>, count: Option<&str>, me: u32) -> io::Result<usize> {
     let (Some(pid), Some(count)) = (pid, count) else {
         return Ok(0);
@@ -48,10 +56,16 @@ fn listen_count(pid: Option<&str>, count: Option<&str>, me: u32) -> io::Result<u
     if pid.trim().parse::<u32>().ok() != Some(me) {
         return Ok(0);
     }
-    count
-        .trim()
-        .parse()
-        .map_err(|_| invalid(format!("LISTEN_FDS={count:?} is not a number")))
+    let digits = count.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(format!("LISTEN_FDS={count:?} is not a number")));
+    }
+    match digits.parse::<usize>() {
+        Ok(n) if n <= MAX_LISTEN_FDS => Ok(n),
+        _ => Err(invalid(format!(
+            "LISTEN_FDS={digits} passes more fds than the {MAX_LISTEN_FDS} blobmgr accepts"
+        ))),
+    }
 }
 
 /// The names of `n` passed fds: `LISTEN_FDNAMES` split on `:`, or
@@ -281,6 +295,28 @@ mod tests {
         assert_eq!(listen_count(Some("8"), Some("1"), 7).unwrap(), 0);
         assert_eq!(listen_count(Some("7"), Some("2"), 7).unwrap(), 2);
         assert!(listen_count(Some("7"), Some("x"), 7).is_err());
+        assert!(listen_count(Some("7"), Some("-1"), 7).is_err());
+    }
+
+    #[test]
+    fn a_huge_listen_fds_is_refused_before_anything_is_allocated() {
+        let max = MAX_LISTEN_FDS.to_string();
+        assert_eq!(
+            listen_count(Some("7"), Some(&max), 7).unwrap(),
+            MAX_LISTEN_FDS
+        );
+        for huge in [
+            "4097",
+            "4000000000",
+            "18446744073709551615",
+            "99999999999999999999999",
+        ] {
+            let e = listen_count(Some("7"), Some(huge), 7).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("LISTEN_FDS={huge} ")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -162,6 +162,27 @@ fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
     assert!(!d.sock.exists());
 }
 
+/// A LISTEN_FDS no manager would pass (one that overflows a Vec's capacity,
+/// one whose allocation aborts) is a clear error, exit 1, not a panic or an
+/// abort.
+#[test]
+fn a_huge_listen_fds_is_refused_with_a_clear_error() {
+    for n in ["18446744073709551615", "4000000000"] {
+        let mut d = Daemon::prepare(&[]);
+        d.launcher = sh_launcher(&format!("export LISTEN_PID=$$ LISTEN_FDS={n}"));
+        d.spawn_unready();
+        let st = wait_exit(d.child.take().unwrap(), DAEMON_WAIT).expect("exits");
+        let log = d.log_text();
+        assert_eq!(st.code(), Some(1), "LISTEN_FDS={n}: {st}: {log}");
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("blobmgr: LISTEN_FDS={n} passes more fds than")),
+            "{log}"
+        );
+        assert!(!d.sock.exists());
+    }
+}
+
 #[test]
 fn ready_only_once_accepting_and_stopping_on_sigterm() {
     let mut d = Daemon::prepare(&[]);

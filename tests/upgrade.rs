@@ -8,6 +8,7 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::Pid;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -240,28 +241,230 @@ impl Drop for Successor {
     }
 }
 
-/// Under a service manager: the old daemon says RELOADING=1, the new one
-/// READY=1 with its own MAINPID, so the manager follows the new process.
+/// A daemon on its default socket (no --sock, no BLOBMGR_SOCK, no config
+/// file), whose socket was bound under a temporary name and linked into
+/// place: after an upgrade the new daemon knows the real path, so
+/// `blobmgr status` finds `<sock>.metrics`, no bind dir is left behind,
+/// a second upgrade works, and a stop removes the socket file.
 #[test]
-fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
+fn an_upgrade_keeps_the_default_socket_path() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    use std::os::unix::net::UnixDatagram;
     let (mut d, dir, exe) = daemon_from_copy();
-    let notify = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    d.env
-        .push(("NOTIFY_SOCKET".into(), notify.display().to_string()));
+    d.sock_arg = false;
+    d.sock = dir.join(".blobmgr/blobmgr.sock");
     d.spawn();
-    let mut buf = [0u8; 4096];
-    let mut next = || {
-        let n = sock.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
-    let first = next();
-    assert!(first.contains("READY=1"), "{first}");
-    let old = daemon_pid(&d.sock);
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let mut pid = daemon_pid(&d.sock);
+    for round in 0..2 {
+        let out = upgrade_cmd(&exe, &d.sock);
+        assert!(
+            out.status.success(),
+            "upgrade {round}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log_text()
+        );
+        pid = handed_over(&d.sock, pid);
+        last.0.store(pid as u64, Ordering::Relaxed);
+        let status = Command::new(&exe)
+            .arg("status")
+            .current_dir(&dir)
+            .env_remove("BLOBMGR_SOCK")
+            .output()
+            .expect("run blobmgr status");
+        assert!(
+            status.status.success(),
+            "status after upgrade {round}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&status.stderr),
+            d.log_text()
+        );
+        let left: Vec<String> = std::fs::read_dir(dir.join(".blobmgr"))
+            .expect("the socket's dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".blobmgr-bind-"))
+            .collect();
+        assert!(left.is_empty(), "bind dirs left: {left:?}");
+    }
+    kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(Duration::from_secs(30), || !alive(pid)));
+    assert!(
+        !d.sock.exists(),
+        "the socket file goes with the daemon that owns it\nlog:\n{}",
+        d.log_text()
+    );
+    drop(last);
+}
+
+/// A socket-activated daemon upgraded: the socket's file is the socket
+/// unit's (here `systemd-socket-activate`'s), so the new daemon leaves it
+/// in place at a stop, as the old one would have.
+#[test]
+fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        activate,
+        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
+    );
+    let mut d = Daemon::prepare(&[]);
+    let sock = d.sock.display().to_string();
+    d.launcher = vec!["systemd-socket-activate".into(), "-l".into(), sock];
+    d.spawn();
+    let made = std::fs::symlink_metadata(&d.sock)
+        .expect("socket file")
+        .ino();
+    // spawn() returns once a connect succeeds, which the activator's
+    // backlog allows before the daemon runs: a Noop answered means it
+    // serves (and SIGUSR2 no longer has its default action).
+    let noop = blobmgr::protocol::Request::Noop;
+    assert_eq!(d.raw().call(&noop), blobmgr::protocol::Reply::Noop);
+    // The activator execs the daemon in place: same pid.
+    let old = d.pid();
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let out = upgrade_cmd(Path::new(bin()), &d.sock);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    kill(Pid::from_raw(new), Signal::SIGTERM).expect("SIGTERM");
+    assert!(wait_until(Duration::from_secs(30), || !alive(new)));
+    let left = std::fs::symlink_metadata(&d.sock).map(|m| m.ino());
+    assert_eq!(
+        left.ok(),
+        Some(made),
+        "the passed socket's file is left in place\nlog:\n{}",
+        d.log_text()
+    );
+    drop(last);
+}
+
+/// Under a manager's watchdog (`WATCHDOG_USEC`): the upgraded daemon goes on
+/// pinging it, with its own pid, or the manager would kill it once
+/// `WatchdogSec=` passed.
+#[test]
+fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    d.env.push(("WATCHDOG_USEC".into(), "200000".into()));
+    d.spawn();
+    let old = d.pid();
+    let log = || d.log_text();
+    notes.until("WATCHDOG=1 from the first daemon", log, |n| {
+        n.pid == old && n.has("WATCHDOG=1")
+    });
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    let out = upgrade_cmd(&exe, &d.sock);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    // Nobody pings from the old daemon's drain until the new one is ready:
+    // the old one's MAINPID= pings and lengthens the timeout by the drain's
+    // limit and the new binary's start (30 s + 20 s); the new one's READY=1
+    // pings and restores it.
+    let said = notes.until("READY=1 from the new daemon", log, |n| {
+        n.pid == new && n.has("READY=1")
+    });
+    let handing = said
+        .iter()
+        .find(|n| n.pid == old && n.has(&format!("MAINPID={new}")))
+        .unwrap_or_else(|| panic!("no MAINPID={new} from the old daemon: {said:?}"));
+    assert!(
+        handing.has("WATCHDOG=1") && handing.has("WATCHDOG_USEC=50200000"),
+        "{handing:?}"
+    );
+    let ready = &said[said.len() - 1];
+    assert!(
+        ready.has("WATCHDOG=1") && ready.has("WATCHDOG_USEC=200000"),
+        "{ready:?}"
+    );
+    for _ in 0..3 {
+        notes.until("WATCHDOG=1 from the new daemon", log, |n| {
+            n.pid == new && n.has("WATCHDOG=1")
+        });
+    }
+    let _ = kill(Pid::from_raw(new), Signal::SIGTERM);
+    assert!(wait_until(Duration::from_secs(30), || !alive(new)));
+    drop(last);
+}
+
+/// `blobmgr upgrade` on a socket whose listener is not a blobmgr daemon
+/// (here `systemd-socket-activate` holding it with no daemon yet, as
+/// systemd does; SO_PEERCRED names it) refuses with a clear error and
+/// signals nothing: SIGUSR2 would kill that process (or, for PID 1, mean
+/// something else).
+#[test]
+fn upgrade_signals_only_a_blobmgr_daemon() {
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        activate,
+        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("held.sock");
+    let mut holder = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .args(["sleep", "600"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    assert!(
+        wait_until(DAEMON_WAIT, || UnixStream::connect(&sock).is_ok()),
+        "the socket listens"
+    );
+    let out = upgrade_cmd(Path::new(bin()), &sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let alive_after = holder.try_wait().expect("try_wait").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!out.status.success(), "refused: {err}");
+    assert!(
+        err.contains(&format!("pid {} behind", holder.id()))
+            && err.contains("is not a blobmgr daemon"),
+        "{err}"
+    );
+    assert!(alive_after, "the socket's holder was not signalled");
+}
+
+/// Under a service manager (`Type=notify`, `ExecReload=kill -USR2
+/// $MAINPID`): the old daemon says RELOADING=1 (with MONOTONIC_USEC), then,
+/// itself and so before it exits, MAINPID=<new pid>: a main process that
+/// exits before the manager knows its successor is the service stopping,
+/// and systemd would kill the new one with the cgroup. The new daemon then
+/// says READY=1, which ends the reload. Each sender is checked with
+/// SCM_CREDENTIALS, as systemd does.
+#[test]
+fn an_upgrade_hands_the_main_pid_over_before_the_old_daemon_exits() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    d.spawn();
+    let old = d.pid();
+    let log = || d.log_text();
+    let first = notes.until("READY=1", log, |n| n.has("READY=1"));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].pid, old);
+    assert!(first[0].has(&format!("MAINPID={old}")), "{first:?}");
     let last = Successor(Arc::new(AtomicU64::new(0)));
     let out = upgrade_cmd(&exe, &d.sock);
     assert!(
@@ -290,16 +493,62 @@ fn an_upgrade_tells_the_service_manager_about_the_new_main_pid() {
         "a second daemon on the work dir must be refused"
     );
     assert!(err.contains(&format!("in use by pid {new}")), "{err}");
-    let said: Vec<String> = (0..2).map(|_| next()).collect();
+    let said = notes.until("READY=1 from the new daemon", log, |n| {
+        n.pid == new && n.has("READY=1")
+    });
+    let at = |what: &str, f: &dyn Fn(&Note) -> bool| {
+        said.iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("no {what} in {said:?}"))
+    };
+    let reloading = at("RELOADING=1 from the old daemon", &|n| {
+        n.pid == old
+            && n.has("RELOADING=1")
+            && n.text.lines().any(|l| l.starts_with("MONOTONIC_USEC="))
+    });
+    // Sent by the old process, hence while it was alive.
+    let main_pid = at("MAINPID=<new> from the old daemon", &|n| {
+        n.pid == old && n.has(&format!("MAINPID={new}"))
+    });
+    let ready = said.len() - 1;
+    assert!(reloading < main_pid && main_pid < ready, "{said:?}");
+    assert!(said[ready].has(&format!("MAINPID={new}")), "{said:?}");
     assert!(
-        said[0].contains("RELOADING=1"),
-        "old daemon first: {said:?}"
-    );
-    assert!(
-        said[1].contains("READY=1") && said[1].contains(&format!("MAINPID={new}")),
-        "then the new one, with its pid: {said:?}"
+        !said.iter().any(|n| n.has("READY=1") && n.pid == old),
+        "the old daemon ends no reload: {said:?}"
     );
     let _ = kill(Pid::from_raw(new), Signal::SIGTERM);
     assert!(wait_until(Duration::from_secs(30), || !alive(new)));
     drop(last);
+}
+
+/// An upgrade whose new binary fails: the reload the old daemon announced
+/// ends with its own READY=1, and it stays the main pid.
+#[test]
+fn a_failed_upgrade_ends_the_reload_with_the_old_daemon_ready() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    d.spawn();
+    let old = d.pid();
+    let log = || d.log_text();
+    notes.until("READY=1", log, |n| n.has("READY=1"));
+    let broken = dir.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let good = dir.join("good");
+    install(Path::new(bin()), &good);
+    install(&broken, &exe);
+    let out = upgrade_cmd(&good, &d.sock);
+    assert!(!out.status.success(), "the upgrade fails");
+    let said = notes.until("READY=1 again", log, |n| n.has("READY=1"));
+    assert!(
+        said.iter()
+            .all(|n| n.pid == old && !n.text.contains("MAINPID=")),
+        "{said:?}"
+    );
+    assert!(said[0].has("RELOADING=1"), "{said:?}");
+    assert_eq!(daemon_pid(&d.sock), old, "the old daemon serves on");
 }

@@ -80,7 +80,8 @@ pub enum Command {
     /// Hand a running daemon over to the binary now installed at its path
     ///
     /// Zero-downtime upgrade: sends SIGUSR2 to the daemon behind --sock (found
-    /// with SO_PEERCRED), which starts the binary installed at the path it was
+    /// with SO_PEERCRED; a process that is not a blobmgr daemon is refused,
+    /// not signalled), which starts the binary installed at the path it was
     /// started from with the same arguments, hands it the listening socket and
     /// the work dir lock, answers what it has read and exits. Waits until the
     /// new daemon answers; if the new binary fails, the old one keeps serving

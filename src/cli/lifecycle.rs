@@ -2,7 +2,8 @@
 //! under systemd"): the listening socket it may pass (socket activation),
 //! the work dir lock, and the notifications: `READY=1` once the socket
 //! accepts, `WATCHDOG=1` while the reactor answers, `STOPPING=1` when a
-//! stop begins. Without a manager every step is a no-op except the lock.
+//! stop begins, and for an upgrade `RELOADING=1`, then `MAINPID=` of the
+//! new process before this one exits (or `READY=1` again if it failed). Without a manager every step is a no-op except the lock.
 
 use crate::cli::Fail;
 use blobmgr::client::Client;
@@ -79,13 +80,19 @@ impl Manager {
 
     /// The server is built and its socket accepts: tells the manager
     /// (`READY=1`, `STATUS=`, `MAINPID=`) and starts the watchdog, which
-    /// pings only while a Noop on `sock` is answered.
+    /// pings only while a Noop on `sock` is answered. With a watchdog the
+    /// message pings it too and restores its timeout (`WATCHDOG_USEC=`): an
+    /// upgrade's old daemon lengthened it for the handover.
     pub fn ready(&mut self, status: &str, sock: &Path) {
         let Some(n) = &self.notifier else {
             return;
         };
         let pid = std::process::id();
-        send(n, &format!("READY=1\nSTATUS={status}\nMAINPID={pid}"));
+        let mut msg = format!("READY=1\nSTATUS={status}\nMAINPID={pid}");
+        if let Some(t) = self.watchdog_timeout {
+            msg.push_str(&format!("\nWATCHDOG=1\nWATCHDOG_USEC={}", t.as_micros()));
+        }
+        send(n, &msg);
         let Some(timeout) = self.watchdog_timeout else {
             return;
         };
@@ -99,20 +106,62 @@ impl Manager {
         }
     }
 
-    /// `NOTIFY_SOCKET` for a successor (an upgrade), which then tells the
-    /// manager its own `MAINPID` and `READY=1` (the unit needs
-    /// `NotifyAccess=all` for the manager to listen to it).
+    /// `NOTIFY_SOCKET` for a successor (an upgrade), which says `READY=1`
+    /// once it serves; by then this process made it the main one
+    /// ([`Manager::handing_over`]), so `NotifyAccess=main` suffices.
     pub fn notify_socket(&self) -> Option<std::ffi::OsString> {
         self.notifier.as_ref()?.env_value().map(|v| v.to_owned())
     }
 
-    /// An upgrade began: tells the manager `RELOADING=1` (the successor
-    /// will say `READY=1` with its own `MAINPID`) and ends the watchdog.
+    /// The manager's watchdog timeout, for a successor (an upgrade) to
+    /// keep the pings going: `None` without a watchdog.
+    pub fn watchdog_timeout(&self) -> Option<Duration> {
+        self.watchdog_timeout
+    }
+
+    /// An upgrade began (the new binary is starting; this daemon still
+    /// serves and pings the watchdog): tells the manager `RELOADING=1`
+    /// with `MONOTONIC_USEC=` (`sd_notify(3)`; `Type=notify-reload` needs
+    /// it). The reload lasts until a `READY=1`: the successor's, or this
+    /// daemon's if the upgrade fails ([`Manager::reload_failed`]).
     pub fn reloading(&mut self) {
         if let Some(n) = &self.notifier {
-            send(n, "RELOADING=1\nSTATUS=handing over to a new binary");
+            let now = monotonic_usec();
+            send(
+                n,
+                &format!("RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS=starting a new binary"),
+            );
+        }
+    }
+
+    /// The successor is ready to take over: tells the manager it is the
+    /// main process now (`MAINPID=`), and ends this daemon's watchdog. Sent
+    /// before this process drains and exits, by the main process, which the
+    /// manager listens to under any `NotifyAccess=` but `none`: a main
+    /// process that exits before the manager knows of the new one is the
+    /// service stopping, and the manager would kill the successor with
+    /// the rest of the cgroup. With a watchdog, nobody pings it until the
+    /// successor is ready, after this daemon's drain: the message pings it
+    /// and lengthens its timeout by `handover` (the most the drain and the
+    /// successor's start may take); the successor's `READY=1` restores it.
+    pub fn handing_over(&mut self, successor: u32, handover: Duration) {
+        if let Some(n) = &self.notifier {
+            let mut msg = format!("MAINPID={successor}\nSTATUS=handing over to pid {successor}");
+            if let Some(t) = self.watchdog_timeout {
+                let longer = (t + handover).as_micros();
+                msg.push_str(&format!("\nWATCHDOG=1\nWATCHDOG_USEC={longer}"));
+            }
+            send(n, &msg);
         }
         drop(self.watchdog.take());
+    }
+
+    /// The upgrade failed and this daemon goes on serving: `READY=1` ends
+    /// the reload, with `status` as before.
+    pub fn reload_failed(&mut self, status: &str) {
+        if let Some(n) = &self.notifier {
+            send(n, &format!("READY=1\nSTATUS={status}"));
+        }
     }
 
     /// A stop began: tells the manager `STOPPING=1` and ends the watchdog.
@@ -121,6 +170,14 @@ impl Manager {
             send(n, "STOPPING=1\nSTATUS=stopping");
         }
         drop(self.watchdog.take());
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, for `MONOTONIC_USEC=`.
+fn monotonic_usec() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64) * 1_000_000 + (t.tv_nsec() as u64) / 1_000,
+        Err(_) => 0,
     }
 }
 

@@ -44,6 +44,7 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     // First, while this is the only thread: systemd's variables leave the
     // environment, so the processes the daemon starts do not see them.
     let mut manager = Manager::from_env()?;
+    let handed_sock = upgrade::handed_sock();
     let successor = Successor::record();
     let mut opts = match &flags.config {
         Some(path) => {
@@ -54,12 +55,9 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
         None => flags,
     };
     let mut listener = manager.listener()?;
-    if let (Some(l), None) = (&listener, &opts.sock) {
-        // The passed socket is the daemon's socket, `<sock>.metrics` included
-        // (a --sock given names it: a socket handed over by an upgrade was
-        // bound under a temporary name before it was linked into place).
-        opts.sock = Some(l.path().to_path_buf());
-    }
+    let owned = handed_sock.as_ref().is_some_and(|h| h.owned);
+    let handed_path = handed_sock.map(|h| h.path);
+    opts.sock = passed_sock_path(listener.as_ref(), opts.sock.take(), handed_path);
     let mut cfg = server_config(&opts)?;
     // Everything that may fail without touching the work dir comes first: a
     // successor says READY only after it, so a bad setting stops the upgrade
@@ -67,8 +65,9 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     let backend = backend(&opts, cfg.backend_timeout)?;
     cfg.references = Some(references(&opts, cfg.backend_timeout)?);
     // Started by an upgrade: wait until the old daemon let go of the work
-    // dir; the socket file is then ours to remove at a stop, as it was its.
-    if upgrade::take_over()? {
+    // dir; the socket file is then ours to remove at a stop if it was its
+    // (not if systemd passed the socket: the socket unit owns the file).
+    if upgrade::take_over()? && owned {
         if let Some(l) = listener.as_mut() {
             l.own_file(&cfg.sock);
         }
@@ -77,6 +76,35 @@ pub fn run(flags: ServeOptions) -> Result<(), Fail> {
     let lock = manager.lock_workdir(&cfg.cache.workdir)?;
     let daemon = Daemon { lock, successor };
     run_server(cfg, backend, listener, &mut manager, daemon)
+}
+
+/// The daemon's socket path (`<sock>.metrics` sits beside it) when a socket
+/// was passed: the path an upgrade's old daemon handed over (the socket's
+/// own name may be the temporary one it was bound under before it was
+/// linked into place), else `--sock` if given, else the passed socket's
+/// name (systemd binds it where it lives). Without a passed socket,
+/// `--sock` as given.
+fn passed_sock_path(
+    listener: Option<&Listener>,
+    given: Option<PathBuf>,
+    handed: Option<PathBuf>,
+) -> Option<PathBuf> {
+    let Some(l) = listener else {
+        return given;
+    };
+    match (handed, given) {
+        (Some(h), Some(g)) if h != g => {
+            log::warn!(
+                "upgrade: the socket handed over lives at {}, not at --sock {}; serving it there",
+                h.display(),
+                g.display()
+            );
+            Some(h)
+        }
+        (Some(h), _) => Some(h),
+        (None, Some(g)) => Some(g),
+        (None, None) => Some(l.path().to_path_buf()),
+    }
 }
 
 /// The daemon's settings from the merged options.
@@ -315,20 +343,7 @@ fn run_server(
             break server.drain(STOP_DRAIN, false);
         }
         if upgrade_asked && pending.is_none() {
-            log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
-            let notify = manager.notify_socket();
-            let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
-            match upgrade::start(&daemon.successor, socket, lock, notify) {
-                Ok(p) => {
-                    wake.add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
-                    wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2))?;
-                    pending = Some(p);
-                }
-                Err(Fail(why)) => {
-                    log::error!("{why}");
-                    server.metrics().work.upgrades_failed.bump();
-                }
-            }
+            pending = begin_upgrade(&server, manager, &daemon, &sock, &wake);
         }
         let Some(p) = pending.take() else {
             continue;
@@ -337,13 +352,15 @@ fn run_server(
         match p.check() {
             upgrade::Check::Waiting(p) => pending = Some(p),
             upgrade::Check::Ready(h) => {
+                // The manager learns the new main pid while this one lives.
+                manager.handing_over(h.pid(), upgrade::WATCHDOG_GRACE);
                 handover = Some(h);
-                manager.reloading();
                 break server.drain(upgrade::DRAIN_WAIT, true);
             }
             upgrade::Check::Failed(why) => {
                 log::error!("{why}");
                 server.metrics().work.upgrades_failed.bump();
+                manager.reload_failed(&status);
             }
         }
     };
@@ -361,6 +378,50 @@ fn run_server(
     }
     log::info!("stopped");
     Ok(result?)
+}
+
+/// SIGUSR2: starts the successor (`wake` then watches its ready pipe and
+/// deadline) and tells the manager a reload began. `None` when it could not
+/// be started: logged and counted, the daemon goes on serving.
+fn begin_upgrade(
+    server: &Server,
+    manager: &mut Manager,
+    daemon: &Daemon,
+    sock: &Path,
+    wake: &Epoll,
+) -> Option<upgrade::Pending> {
+    log::info!("SIGUSR2: upgrading to {}", daemon.successor.exe().display());
+    let inherit = upgrade::Inherit {
+        sock: sock.to_path_buf(),
+        owned: server.owns_socket_file(),
+        notify_socket: manager.notify_socket(),
+        watchdog: manager.watchdog_timeout(),
+    };
+    let (socket, lock) = (server.listener_fd(), daemon.lock.as_fd());
+    let started = upgrade::start(&daemon.successor, socket, lock, inherit).and_then(|p| {
+        let watched = wake
+            .add(p.ready_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .and_then(|()| wake.add(p.timer_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 2)));
+        match watched {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                // Unwatched, it would never be released or reaped.
+                p.abort();
+                Err(Fail(format!("upgrade: watch the new binary: {e}")))
+            }
+        }
+    });
+    match started {
+        Ok(p) => {
+            manager.reloading();
+            Some(p)
+        }
+        Err(Fail(why)) => {
+            log::error!("{why}");
+            server.metrics().work.upgrades_failed.bump();
+            None
+        }
+    }
 }
 
 /// Takes every pending signal: the stop signal if one came, and whether an

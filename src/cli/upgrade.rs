@@ -2,19 +2,26 @@
 //! the daemon starts the binary installed at the path it was started from,
 //! with the same arguments, and hands it the listening socket and the work
 //! dir lock the way socket activation passes fds (`LISTEN_FDS`, names
-//! `blobmgr` and `blobmgr-workdir-lock`), plus two pipes:
+//! `blobmgr` and `blobmgr-workdir-lock`), the socket's configured path
+//! (`BLOBMGR_HANDOVER_SOCK`) and whether its file is the daemon's to remove
+//! (`BLOBMGR_HANDOVER_SOCK_OWNED`: not when systemd passed the socket),
+//! the service manager's `NOTIFY_SOCKET` and `WATCHDOG_USEC` (with
+//! `WATCHDOG_PID` naming the new process), plus two pipes:
 //!
 //! 1. the new process adopts the socket and the lock, says `READY` on the
 //!    first pipe, and waits for the second to close;
-//! 2. the old one (which kept serving until then) stops accepting and
-//!    reading, answers what it has read, closes its connections, makes the
-//!    cache durable, stops its workers and exits, closing the second pipe;
+//! 2. the old one (which kept serving until then, and told the manager
+//!    `RELOADING=1`) tells the manager `MAINPID=` of the new process while
+//!    it is still the main one, then stops accepting and reading, answers
+//!    what it has read, closes its connections, makes the cache durable,
+//!    stops its workers and exits, closing the second pipe;
 //! 3. the new one opens the work dir, calls `listen()` again (so
-//!    `SO_PEERCRED` on the socket names it) and serves what waited in the
-//!    socket's backlog. No connection attempt is refused.
+//!    `SO_PEERCRED` on the socket names it), tells the manager `READY=1`
+//!    and serves what waited in the socket's backlog. No connection attempt
+//!    is refused.
 //!
-//! If the new binary fails before `READY`, the old one logs why and goes on
-//! serving. A client of the client library sees no failed call: it retries
+//! If the new binary fails before `READY`, the old one logs why, tells the
+//! manager `READY=1` (the reload is over) and goes on serving. A client of the client library sees no failed call: it retries
 //! on a new connection a request whose connection closed unanswered (every
 //! request kind is idempotent).
 
@@ -37,10 +44,25 @@ use std::time::{Duration, Instant};
 
 /// Names the pipes of a handover: `READY_FD,RELEASE_FD` in the new process.
 const PIPES_ENV: &str = "BLOBMGR_HANDOVER_PIPES";
+/// The daemon's socket path, as the old daemon was configured with it (or
+/// as systemd passed it). The new process cannot read it off the socket: a
+/// socket [`blobmgr::listener::Listener::bind`] made was bound under a
+/// temporary name and hard-linked into place, and `getsockname` still
+/// answers the temporary name, long gone.
+const SOCK_ENV: &str = "BLOBMGR_HANDOVER_SOCK";
+/// `1` when the socket's file is the daemon's to remove at exit (a daemon
+/// bound it), `0` when it is not (systemd passed the socket: its socket
+/// unit owns the file). The new process cannot tell the two apart.
+const OWNED_ENV: &str = "BLOBMGR_HANDOVER_SOCK_OWNED";
 /// How long the new binary may take to say it is ready.
 const READY_WAIT: Duration = Duration::from_secs(20);
 /// How long the old daemon waits for the requests it read.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// How much longer the manager's watchdog waits during a handover: nobody
+/// pings it from the start of the old daemon's drain until the new one is
+/// ready, at most the drain's limit plus the time a new binary is given to
+/// start.
+pub const WATCHDOG_GRACE: Duration = DRAIN_WAIT.saturating_add(READY_WAIT);
 
 /// What the daemon needs to start its successor, recorded at start: after
 /// an install by rename, `/proc/self/exe` names the deleted old file.
@@ -72,6 +94,11 @@ pub struct Handover {
 }
 
 impl Handover {
+    /// The successor's pid, the service's main pid once it takes over.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The old daemon is done with the work dir: the successor may go on.
     /// With `stop`, a stop was asked for meanwhile: it is passed on.
     pub fn release(self, stop: bool) {
@@ -95,13 +122,54 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
+/// What the old daemon hands its successor besides the fds.
+pub struct Inherit {
+    /// The daemon's socket path (see [`SOCK_ENV`]).
+    pub sock: PathBuf,
+    /// Whether the socket's file is the daemon's to remove (see
+    /// [`OWNED_ENV`]).
+    pub owned: bool,
+    /// `NOTIFY_SOCKET`, when a service manager listens.
+    pub notify_socket: Option<OsString>,
+    /// The manager's watchdog timeout (`WATCHDOG_USEC`), which goes on to
+    /// the successor with `WATCHDOG_PID` naming it: it is the process the
+    /// manager watches once it took over (`sd_watchdog_enabled(3)` ignores
+    /// a `WATCHDOG_PID` that is not the caller's).
+    pub watchdog: Option<Duration>,
+}
+
+/// What an old daemon said about the socket it handed over.
+pub struct HandedSock {
+    /// The daemon's socket path.
+    pub path: PathBuf,
+    /// Whether its file is the daemon's to remove at exit.
+    pub owned: bool,
+}
+
+/// The socket an old daemon handed over, taken out of the environment
+/// (call it first, before any thread starts); `None` in a daemon not
+/// started by an upgrade. Without the ownership variable the file is not
+/// owned: leaving a file behind is the safe mistake.
+pub fn handed_sock() -> Option<HandedSock> {
+    let path = std::env::var_os(SOCK_ENV);
+    let owned = std::env::var_os(OWNED_ENV);
+    std::env::remove_var(SOCK_ENV);
+    std::env::remove_var(OWNED_ENV);
+    let path = PathBuf::from(path?);
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    let owned = owned.is_some_and(|v| v == "1");
+    Some(HandedSock { path, owned })
+}
+
 /// Starts the successor with the socket and the lock; its `READY` comes
 /// later (see [`Pending`]). `Err`: it could not be started.
 pub fn start(
     s: &Successor,
     socket: BorrowedFd<'_>,
     lock: BorrowedFd<'_>,
-    notify_socket: Option<OsString>,
+    inherit: Inherit,
 ) -> Result<Pending, Fail> {
     let fds = [high_dup(socket)?, high_dup(lock)?];
     let (ready_r, ready_w_low) = pipe()?;
@@ -118,17 +186,23 @@ pub fn start(
         release_r.as_raw_fd(),
     ];
     let mut cmd = Command::new("/bin/sh");
-    // `exec` keeps the shell's pid, so $$ is the daemon's LISTEN_PID.
+    // `exec` keeps the shell's pid, so $$ is the daemon's LISTEN_PID (and
+    // WATCHDOG_PID, which is ignored without WATCHDOG_USEC).
     cmd.arg("-c")
-        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+        .arg("LISTEN_PID=$$ WATCHDOG_PID=$$; export LISTEN_PID WATCHDOG_PID; exec \"$0\" \"$@\"")
         .arg(&s.exe)
         .args(&s.args)
         .env("LISTEN_FDS", "2")
         .env("LISTEN_FDNAMES", "blobmgr:blobmgr-workdir-lock")
         .env(PIPES_ENV, "5,6")
+        .env(SOCK_ENV, &inherit.sock)
+        .env(OWNED_ENV, if inherit.owned { "1" } else { "0" })
         .stdin(Stdio::null());
-    if let Some(v) = notify_socket {
+    if let Some(v) = inherit.notify_socket {
         cmd.env("NOTIFY_SOCKET", v);
+    }
+    if let Some(t) = inherit.watchdog {
+        cmd.env("WATCHDOG_USEC", t.as_micros().to_string());
     }
     // SAFETY: only dup2, which is async-signal-safe, runs between fork and
     // exec; every source fd is >= 10, so no target (3-6) overwrites one.
@@ -290,6 +364,27 @@ fn daemon_pid(sock: &Path) -> Result<i32, Fail> {
     Ok(cred.pid())
 }
 
+/// Refuses to signal `pid` unless it is a blobmgr daemon (its command name
+/// starts with `blobmgr` and it runs `serve`). `SO_PEERCRED` names whoever
+/// last called `listen()` on the socket: for a socket systemd holds with no
+/// daemon running that is PID 1 (or `systemd-socket-activate`), for which
+/// SIGUSR2 means something else or death, and a pid may have been reused.
+fn check_daemon(pid: i32, sock: &Path) -> Result<(), Fail> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim_end();
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let serves = args.split(|&b| b == 0).skip(1).any(|a| a == b"serve");
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    if pid > 1 && pid != me && comm.starts_with("blobmgr") && serves {
+        return Ok(());
+    }
+    Err(Fail(format!(
+        "pid {pid} behind {} is not a blobmgr daemon (command {comm:?}); not signalling it \
+         (a socket-activated socket with no daemon running? it starts on a connection: try again)",
+        sock.display()
+    )))
+}
+
 /// `blobmgr_upgrades_failed_total` of the daemon behind `sock`, if its
 /// metrics answer.
 fn failed_upgrades(sock: &Path) -> Option<f64> {
@@ -303,10 +398,12 @@ fn failed_upgrades(sock: &Path) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// `blobmgr upgrade`: SIGUSR2 to the daemon behind `sock`, then waits until
+/// `blobmgr upgrade`: SIGUSR2 to the daemon behind `sock` (if it is one:
+/// [`check_daemon`]), then waits until
 /// a new process answers on it, or the daemon reports the upgrade failed.
 pub fn run(sock: &Path) -> Result<(), Fail> {
     let old = daemon_pid(sock)?;
+    check_daemon(old, sock)?;
     let failed_before = failed_upgrades(sock);
     kill(Pid::from_raw(old), Signal::SIGUSR2)
         .map_err(|e| Fail(format!("signal pid {old}: {e}")))?;

@@ -36,6 +36,10 @@ pub struct Daemon {
     /// daemon runs in the temp dir, so its default backend directory
     /// (relative) lands there.
     pub backend_arg: bool,
+    /// Whether `--sock <sock>` is passed (default). Without it the daemon
+    /// runs in the temp dir without `BLOBMGR_SOCK`, on its default socket
+    /// (relative): the test points `sock` at it.
+    pub sock_arg: bool,
     /// A command that runs the daemon: `blobmgr serve …` becomes its last
     /// arguments (e.g. `systemd-socket-activate -l SOCK`). Empty: none.
     pub launcher: Vec<String>,
@@ -96,6 +100,7 @@ impl Daemon {
             env: Vec::new(),
             env_remove: Vec::new(),
             backend_arg: true,
+            sock_arg: true,
             launcher: Vec::new(),
             exe: None,
             log: dir.path().join("daemon.log"),
@@ -152,15 +157,20 @@ impl Daemon {
             }
             (None, None) => Command::new(self.exe.as_deref().unwrap_or(Path::new(bin()))),
         };
-        cmd.arg("serve")
-            .arg("--sock")
-            .arg(&self.sock)
-            .arg("--workdir")
-            .arg(&self.workdir);
+        cmd.arg("serve");
+        if self.sock_arg {
+            cmd.arg("--sock").arg(&self.sock);
+        } else {
+            cmd.env_remove("BLOBMGR_SOCK");
+        }
+        cmd.arg("--workdir").arg(&self.workdir);
         if self.backend_arg {
             cmd.arg("--backend").arg(&self.backend);
-        } else if let Some(dir) = &self.dir {
-            cmd.current_dir(dir.path());
+        }
+        if !self.backend_arg || !self.sock_arg {
+            if let Some(dir) = &self.dir {
+                cmd.current_dir(dir.path());
+            }
         }
         for k in &self.env_remove {
             cmd.env_remove(k);

@@ -20,6 +20,8 @@
 //!   [`pattern`], deterministic blob data.
 //! - `tmpfs.rs`: [`Tmpfs`], a small tmpfs for full-disk tests,
 //!   [`free_bytes`], and [`require_root`] for tests that need root.
+//! - `notify.rs`: [`NotifySink`], a fake service manager's `NOTIFY_SOCKET`
+//!   that records each [`Note`] with its sender's pid.
 //! - `wait.rs`: [`wait_until`] and the blocking waits; no test sleeps to
 //!   synchronise (see docs/TESTING.md).
 //!
@@ -30,6 +32,7 @@ mod access;
 mod daemon;
 mod http;
 mod inproc;
+mod notify;
 mod proxy;
 mod raw;
 mod regfiles;
@@ -43,6 +46,7 @@ pub use access::Access;
 pub use daemon::{bin, Daemon, DAEMON_WAIT, REACH_VARS};
 pub use http::{serve_data, FakeHttp, Req, Resp};
 pub use inproc::InProc;
+pub use notify::{Note, NotifySink};
 pub use proxy::{HttpProxy, Proxied};
 pub use raw::{header, pread, unread_by_peer, Blob, Raw, REPLY_TIMEOUT};
 pub use regfiles::{CredHelper, DockerConfig, HostsToml};

@@ -41,6 +41,13 @@ const PASSWORD_ENV: &str = "BLOBMGR_REGISTRY_PASSWORD";
 
 /// Runs `serve` with `flags` (the command line) over `--config`'s file.
 pub fn run(flags: ServeOptions) -> Result<(), Fail> {
+    // An upgrade asked for while the daemon starts (`systemctl reload` just
+    // after activation) waits for it to serve instead of killing it:
+    // SIGUSR2's default action ends the process. SIGTERM and SIGINT keep
+    // theirs until the server is up, so a start that hangs can be stopped.
+    let mut usr2 = SigSet::empty();
+    usr2.add(Signal::SIGUSR2);
+    usr2.thread_block()?;
     // First, while this is the only thread: systemd's variables leave the
     // environment, so the processes the daemon starts do not see them.
     let mut manager = Manager::from_env()?;

@@ -285,8 +285,14 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 
     /// Removes the queued (not yet started) jobs among `ids`, returning
-    /// those removed; their completions never come.
+    /// those removed; their completions never come. One pass over the
+    /// queues whatever the number of ids (a closed connection may name a
+    /// thousand), so the lock is held briefly.
     pub fn cancel(&self, ids: &[u64]) -> Vec<u64> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let ids: HashSet<u64> = ids.iter().copied().collect();
         let mut st = lock(&self.shared.state);
         let mut removed = Vec::new();
         let st = &mut *st;
@@ -300,6 +306,12 @@ impl<T: Send + 'static> WorkerPool<T> {
             });
         }
         removed
+    }
+
+    /// Tasks queued (demand and background) that no thread has started.
+    pub fn queued(&self) -> usize {
+        let st = lock(&self.shared.state);
+        st.jobs.len() + st.background.len()
     }
 
     /// Jobs queued or running, or after-steps running.

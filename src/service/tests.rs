@@ -616,3 +616,32 @@ fn a_closed_connections_own_queued_jobs_are_reported_for_cancelling() {
     ));
     assert!(h.svc.idle());
 }
+
+/// Readahead is a reader's stream's work, not a request's: a closed
+/// connection's fetch that joined a queued readahead fill leaves it queued.
+#[test]
+fn readahead_a_closed_connection_waited_on_is_not_orphaned() {
+    let mut h = Harness::new(&[("b", 64 * 4096)], None);
+    let token = h.token("b");
+    // Three sequential reads start readahead behind the third.
+    let mut ahead = Vec::new();
+    for i in 0..3u64 {
+        h.fetch(token, i * 4096, 4096);
+        for (id, kind) in h.svc.take_jobs().collect::<Vec<_>>() {
+            if kind.priority() == crate::worker::Priority::Background {
+                ahead.push((id, kind));
+            } else {
+                let out = h.runner.run(kind);
+                h.svc.job_done(id, Some(out));
+            }
+        }
+    }
+    let (id, kind) = ahead.remove(0);
+    let JobKind::Fill { g0, .. } = kind else {
+        panic!("{kind:?}")
+    };
+    h.fetch(token, g0 * 4096, 100);
+    assert_eq!(h.svc.take_promoted().collect::<Vec<_>>(), vec![id]);
+    h.svc.close_session(CONN());
+    assert!(h.svc.take_orphans().is_empty());
+}

@@ -127,6 +127,9 @@ struct Entry<W> {
     /// Past the timeout: its waiters were failed; the entry waits for the
     /// worker to return.
     abandoned: bool,
+    /// Started as readahead: even once a request waits on it, it is not
+    /// that request's own work (a reader's stream asked for it).
+    readahead: bool,
 }
 
 /// A job that left the table: what it was, who waited, and whether it had
@@ -165,12 +168,14 @@ impl<W> JobTable<W> {
         let id = self.next;
         self.next += 1;
         self.started.push((id, kind.clone()));
+        let readahead = matches!(kind, JobKind::Fill { ahead: true, .. });
         self.entries.insert(
             id,
             Entry {
                 kind,
                 waiters: Vec::new(),
                 abandoned: false,
+                readahead,
             },
         );
         id
@@ -213,6 +218,21 @@ impl<W> JobTable<W> {
     /// them to the demand queue if they have not started.
     pub fn take_promoted(&mut self) -> std::vec::Drain<'_, JobId> {
         self.promoted.drain(..)
+    }
+
+    /// Job `id` and its waiters if it is demand work that a closed
+    /// connection's requests may have been the only reason for: a live
+    /// (not abandoned) open or fill that was not started as readahead.
+    /// Deletes and checkpoints are housekeeping and never qualify.
+    pub fn cancellable(&self, id: JobId) -> Option<(&JobKind, &[W])> {
+        let e = self
+            .entries
+            .get(&id)
+            .filter(|e| !e.abandoned && !e.readahead)?;
+        match e.kind {
+            JobKind::Open { .. } | JobKind::Fill { .. } => Some((&e.kind, &e.waiters)),
+            JobKind::Delete { .. } | JobKind::Checkpoint { .. } => None,
+        }
     }
 
     /// What job `id` is, if it is in the table.

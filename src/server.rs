@@ -247,6 +247,12 @@ impl Server {
         &self.metrics
     }
 
+    /// Jobs waiting in the worker pool's queues for a thread (running ones
+    /// not included): what other clients' new work would wait behind.
+    pub fn queued_jobs(&self) -> usize {
+        self.pool.queued()
+    }
+
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.reactor.connections()
@@ -381,20 +387,43 @@ impl Server {
         self.submit_jobs();
     }
 
+    /// Hands the service's new jobs to the pool, moves promoted ones ahead,
+    /// and cancels the queued jobs that only closed connections waited for.
     fn submit_jobs(&mut self) {
+        let mut any = self.submit_started();
+        for id in self.service.take_promoted() {
+            self.pool.promote(id);
+        }
+        // After the submissions: a job started and orphaned in the same
+        // turn is in the queue by now. Running jobs are left to finish.
+        let orphans = self.service.take_orphans();
+        if !orphans.is_empty() {
+            let cancelled = self.pool.cancel(&orphans);
+            log::debug!(
+                "{} queued jobs cancelled: only closed connections waited for them",
+                cancelled.len()
+            );
+            for id in cancelled {
+                self.service.job_cancelled(id);
+            }
+            // Their release may have evicted blobs: deletes to submit.
+            any |= self.submit_started();
+        }
+        if any && self.next_expiry.is_none() {
+            // The first job of a busy period arms the expiry check.
+            self.next_expiry = Some(Instant::now() + self.backend_timeout);
+        }
+    }
+
+    /// Submits the jobs the service started; returns whether there were any.
+    fn submit_started(&mut self) -> bool {
         let mut any = false;
         for (id, kind) in self.service.take_jobs() {
             self.pool
                 .submit_then(id, kind.priority(), self.runner.work(kind));
             any = true;
         }
-        for id in self.service.take_promoted() {
-            self.pool.promote(id);
-        }
-        if any && self.next_expiry.is_none() {
-            // The first job of a busy period arms the expiry check.
-            self.next_expiry = Some(Instant::now() + self.backend_timeout);
-        }
+        any
     }
 
     fn expire_jobs(&mut self) {

@@ -285,8 +285,10 @@ impl<T: Send + 'static> WorkerPool<T> {
     }
 
     /// Removes the queued (not yet started) jobs among `ids`, returning
-    /// those removed; their completions never come.
+    /// those removed; their completions never come. One pass over the
+    /// queues however many ids (a closed client may leave a thousand).
     pub fn cancel(&self, ids: &[u64]) -> Vec<u64> {
+        let ids: HashSet<u64> = ids.iter().copied().collect();
         let mut st = lock(&self.shared.state);
         let mut removed = Vec::new();
         let st = &mut *st;
@@ -300,6 +302,12 @@ impl<T: Send + 'static> WorkerPool<T> {
             });
         }
         removed
+    }
+
+    /// Tasks queued (demand and background) that no thread has started.
+    pub fn queued(&self) -> usize {
+        let st = lock(&self.shared.state);
+        st.jobs.len() + st.background.len()
     }
 
     /// Jobs queued or running, or after-steps running.

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 /// A FetchRange waiting on fill jobs.
 pub(super) struct PendingFetch {
-    conn: ConnId,
+    pub(super) conn: ConnId,
     tag: u64,
     token: u64,
     count: u64,
@@ -23,6 +23,9 @@ pub(super) struct PendingFetch {
     reply: bool,
     /// When the request arrived, for `blobmgr_fetch_seconds`.
     started: Instant,
+    /// The fill jobs it waits on (some may have ended): the jobs to check
+    /// for orphans if its connection closes.
+    pub(super) jobs: Vec<JobId>,
 }
 
 impl Service {
@@ -81,6 +84,7 @@ impl Service {
                     failed: false,
                     reply: need,
                     started: Instant::now(),
+                    jobs: Vec::new(),
                 };
                 // Blobs evicted to make room go first, before the fills.
                 self.start_evictions();
@@ -106,8 +110,12 @@ impl Service {
         let conn = fetch.conn;
         let fid = self.fetches.insert(fetch);
         let mut remaining = 0;
+        let mut jobs = Vec::with_capacity(waiting_on.len() + runs.len());
         for job in waiting_on {
-            remaining += usize::from(self.jobs.wait(job, fid));
+            if self.jobs.wait(job, fid) {
+                jobs.push(job);
+                remaining += 1;
+            }
         }
         if let Some(blob) = self.index.blob(key).cloned() {
             for (g0, n) in runs {
@@ -125,12 +133,15 @@ impl Service {
                 self.index.fill_started(key, g0, n, job);
                 self.jobs.wait(job, fid);
                 self.metrics.work.fills_started.bump();
+                jobs.push(job);
                 remaining += 1;
             }
         }
         self.fetches[fid].remaining = remaining;
+        self.fetches[fid].jobs = jobs;
         if let Some(s) = session(&mut self.sessions, conn) {
             s.waiting += 1;
+            s.fetches.insert(fid);
         }
         if remaining == 0 {
             // Nothing to wait on after all (cannot happen: the plan names
@@ -206,6 +217,7 @@ impl Service {
             return;
         };
         s.waiting -= 1;
+        s.fetches.remove(&fid);
         if !p.reply {
             return self.outbox.push(Output::Progress(p.conn));
         }
@@ -219,7 +231,9 @@ impl Service {
 
     /// Fill `id` (`kind`) returned: its granules are credited, its waiters
     /// answered, a completed blob checkpointed. A fill that ran out of space
-    /// evicts and runs once more before it fails.
+    /// evicts and runs once more before it fails. A `cancelled` fill (taken
+    /// off the pool's queue: nobody was left to wait for it) releases its
+    /// granules and counts as no failure.
     pub(super) fn filled(
         &mut self,
         id: JobId,
@@ -227,6 +241,7 @@ impl Service {
         waiters: Vec<usize>,
         late: bool,
         outcome: Option<JobOutput>,
+        cancelled: bool,
     ) {
         let JobKind::Fill {
             key,
@@ -241,7 +256,7 @@ impl Service {
             return;
         };
         // A readahead fill cancelled at a drain is no failure of the backend.
-        let cancelled = ahead && outcome.is_none() && waiters.is_empty();
+        let cancelled = cancelled || (ahead && outcome.is_none() && waiters.is_empty());
         let complete = match outcome {
             Some(JobOutput::Filled(Ok(complete))) => Some(complete),
             Some(JobOutput::Filled(Err(e))) => {
@@ -268,6 +283,9 @@ impl Service {
                         self.index.fill_started(key, g0, n, job);
                         for fid in waiters {
                             self.jobs.wait(job, fid);
+                            if let Some(p) = self.fetches.get_mut(fid) {
+                                p.jobs.push(job);
+                            }
                         }
                         return;
                     }

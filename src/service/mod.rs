@@ -7,7 +7,9 @@
 //! output leaves through [`Service::take_output`] (replies, with their fds)
 //! and [`Service::take_jobs`] (work for the pool). Nothing here calls back.
 //! FetchRange, readahead and what a returning fill means are in
-//! `service/fetch.rs`; a connection's tokens in `service/tokens.rs`.
+//! `service/fetch.rs`; a connection's tokens in `service/tokens.rs`; what
+//! a closed connection leaves behind (jobs only it waited for, to cancel)
+//! in `service/orphans.rs`.
 
 use crate::cache::{BlobKey, Index};
 use crate::connection::ConnId;
@@ -46,6 +48,18 @@ struct Session {
     tokens: Tokens,
     /// Requests waiting on jobs (for the reactor's backpressure).
     waiting: usize,
+    /// Blob ids this connection has a GetBlob waiting to open (at most
+    /// `waiting` of them): where to look for its jobs when it closes.
+    opens: HashSet<String>,
+    /// Its FetchRanges waiting on fills (keys of `Service::fetches`).
+    fetches: HashSet<usize>,
+}
+
+/// The GetBlobs waiting for blob id to be opened, and the Open job they
+/// wait on (`None` while the blob's evicted files are still being deleted).
+struct Opening {
+    job: Option<JobId>,
+    waiters: Vec<PendingOpen>,
 }
 
 /// A GetBlob waiting for its blob to be opened.
@@ -83,13 +97,16 @@ pub struct Service {
     /// Indexed by [`ConnId::key`]; the stored id checks the generation.
     sessions: Vec<Option<Session>>,
     fetches: Slab<PendingFetch>,
-    opening: HashMap<String, Vec<PendingOpen>>,
+    opening: HashMap<String, Opening>,
     /// Evicted blobs whose files are being deleted, with the bytes they
     /// were counted for.
     deleting: HashMap<String, (Deletion, u64)>,
     /// Ids an abandoned Open job still works on: exclusive until it
     /// returns, so no second open can race its truncation of the files.
     stuck_opens: HashSet<String>,
+    /// Jobs closed connections waited on, to check for orphans at the next
+    /// [`Service::take_orphans`].
+    orphan_candidates: Vec<JobId>,
     outbox: Vec<Output>,
     metrics: Arc<Metrics>,
 }
@@ -137,6 +154,7 @@ impl Service {
             opening: HashMap::new(),
             deleting: HashMap::new(),
             stuck_opens: HashSet::new(),
+            orphan_candidates: Vec::new(),
             outbox: Vec::new(),
             metrics,
         };
@@ -200,16 +218,9 @@ impl Service {
             next_n: 0,
             tokens: Tokens::default(),
             waiting: 0,
+            opens: HashSet::new(),
+            fetches: HashSet::new(),
         });
-    }
-
-    /// A connection closed: its tokens are released. Its waiting requests
-    /// stay where they are; their replies are dropped when their jobs end.
-    pub fn close_session(&mut self, conn: ConnId) {
-        if let Some(mut s) = self.sessions.get_mut(conn.key()).and_then(|s| s.take()) {
-            s.tokens
-                .clear(&mut self.index, &self.metrics.cache.tokens_open);
-        }
     }
 
     fn reply(&mut self, conn: ConnId, tag: u64, reply: Reply, fd: Option<Arc<OwnedFd>>) {
@@ -285,25 +296,35 @@ impl Service {
             return self.refuse_blob(conn, tag, Errno::Io);
         }
         s.waiting += 1;
+        s.opens.insert(id.clone());
         let waiter = PendingOpen {
             conn,
             tag,
             generation,
             source: source.clone(),
         };
-        if let Some(waiters) = self.opening.get_mut(&id) {
-            waiters.push(waiter);
+        if let Some(o) = self.opening.get_mut(&id) {
+            o.waiters.push(waiter);
             return;
         }
-        self.opening.insert(id.clone(), vec![waiter]);
+        let waiters = vec![waiter];
+        self.opening
+            .insert(id.clone(), Opening { job: None, waiters });
         if deletion.is_none() {
             self.start_open(id, source);
         }
     }
 
+    /// Starts the Open job the GetBlobs in `opening[id]` wait on.
     fn start_open(&mut self, id: String, source: Source) {
         self.index.cold_opening(&id);
-        self.jobs.start(JobKind::Open { id, source });
+        let job = self.jobs.start(JobKind::Open {
+            id: id.clone(),
+            source,
+        });
+        if let Some(o) = self.opening.get_mut(&id) {
+            o.job = Some(job);
+        }
         self.publish();
     }
 
@@ -352,18 +373,23 @@ impl Service {
     /// Job `id` returned from its worker (`None`: it panicked, or was
     /// cancelled or dropped before it ran).
     pub fn job_done(&mut self, id: JobId, outcome: Option<JobOutput>) {
-        self.finish_job(id, outcome);
+        self.finish_job(id, outcome, false);
         self.publish();
     }
 
-    fn finish_job(&mut self, id: JobId, outcome: Option<JobOutput>) {
+    /// Job `id` (`cancelled`: removed from the pool's queue before it ran,
+    /// which is no failure of the backend) ends with `outcome`.
+    fn finish_job(&mut self, id: JobId, outcome: Option<JobOutput>, cancelled: bool) {
         let Some(f) = self.jobs.finish(id) else {
             return;
         };
         match f.kind {
             JobKind::Open { id: blob_id, .. } if !f.late => self.opened(blob_id, outcome),
             JobKind::Open { id: blob_id, .. } => self.opened_late(blob_id, outcome),
-            kind @ JobKind::Fill { .. } => self.filled(id, kind, f.waiters, f.late, outcome),
+            kind @ JobKind::Fill { .. } => {
+                let (waiters, late) = (f.waiters, f.late);
+                self.filled(id, kind, waiters, late, outcome, cancelled)
+            }
             JobKind::Delete { id: blob_id } => self.deleted(blob_id, outcome),
             JobKind::Checkpoint { blob } => {
                 if let Some(JobOutput::Checkpointed(Err(e))) = outcome {
@@ -374,7 +400,8 @@ impl Service {
     }
 
     fn opened(&mut self, blob_id: String, outcome: Option<JobOutput>) {
-        let waiters = self.opening.remove(&blob_id).unwrap_or_default();
+        let waiters = self.opening.remove(&blob_id).map(|o| o.waiters);
+        let waiters = waiters.unwrap_or_default();
         let result = match outcome {
             Some(JobOutput::Opened(Ok(blob))) => Ok(self.index.insert(blob)),
             Some(JobOutput::Opened(Err(e))) => {
@@ -391,6 +418,7 @@ impl Service {
                 continue;
             };
             s.waiting -= 1;
+            s.opens.remove(&blob_id);
             match result {
                 Ok(key) => self.answer_get_blob(w.conn, w.tag, w.generation, key, w.source),
                 Err(errno) => self.refuse_blob(w.conn, w.tag, errno),
@@ -435,10 +463,17 @@ impl Service {
         if !gone {
             self.index.delete_failed(&blob_id, bytes);
         }
-        let waiting = self.opening.get(&blob_id).and_then(|w| w.first());
+        // GetBlobs came while the files were going: open them anew, unless
+        // every one of them was of a connection that closed meanwhile.
+        let sessions = &self.sessions;
+        if let Some(o) = self.opening.get_mut(&blob_id) {
+            o.waiters.retain(|w| orphans::live(sessions, w.conn));
+        }
+        let waiting = self.opening.get(&blob_id).and_then(|o| o.waiters.first());
         if let Some(source) = waiting.map(|w| w.source.clone()) {
-            // A GetBlob came while the files were going: open them anew.
             self.start_open(blob_id, source);
+        } else {
+            self.opening.remove(&blob_id);
         }
     }
 
@@ -495,9 +530,11 @@ impl Service {
 
     /// Answers every GetBlob waiting for blob `id` with EIO.
     fn fail_opens(&mut self, blob_id: &str) {
-        for w in self.opening.remove(blob_id).unwrap_or_default() {
+        let waiters = self.opening.remove(blob_id).map(|o| o.waiters);
+        for w in waiters.unwrap_or_default() {
             if let Some(s) = session(&mut self.sessions, w.conn) {
                 s.waiting -= 1;
+                s.opens.remove(blob_id);
                 self.refuse_blob(w.conn, w.tag, Errno::Io);
             }
         }
@@ -505,6 +542,7 @@ impl Service {
 }
 
 mod fetch;
+mod orphans;
 #[cfg(test)]
 mod tests;
 mod tokens;

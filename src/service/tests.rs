@@ -493,3 +493,155 @@ fn the_cache_gauges_show_the_work_dir_from_the_start() {
     let c = &h.svc.metrics().cache;
     assert_eq!((c.bytes.get(), c.blobs.get()), (12288, 2));
 }
+
+impl Harness {
+    /// Sends `req` (with NEED_REPLY) as connection `conn`; returns its tag.
+    fn send_as(&mut self, conn: ConnId, req: Request) -> u64 {
+        self.next_tag += 1;
+        let mut wire = Vec::new();
+        encode_request(&mut wire, self.next_tag, true, &req);
+        let h = Header::decode(wire[..20].try_into().unwrap()).unwrap();
+        let m = Message {
+            header: h,
+            request: req,
+        };
+        self.svc.request(conn, m);
+        self.next_tag
+    }
+
+    /// The one job started since the last call.
+    fn one_job(&mut self) -> (JobId, JobKind) {
+        let jobs: Vec<_> = self.svc.take_jobs().collect();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        jobs.into_iter().next().unwrap()
+    }
+}
+
+/// Review finding: a closed connection's queued opens and fills stayed in
+/// the pool's queue, so a client that queued a thousand cold requests,
+/// closed and did it again grew the queue without bound. The jobs only
+/// its requests waited for are now reported for cancelling; those another
+/// connection waits on (or joins before the server takes the list) are not.
+#[test]
+fn a_closed_connections_own_queued_jobs_are_reported_for_cancelling() {
+    let blobs = [("a", 16 * 4096), ("b", 4096), ("c", 4096), ("d", 4096)];
+    let mut h = Harness::new(&blobs, None);
+    let other = ConnId::new(2, 1);
+    h.svc.open_session(other);
+    let t1 = h.token("a");
+    h.send_as(other, Request::get_blob(1, "a").unwrap());
+    h.run_jobs();
+    let t2 = match h.replies()[..] {
+        [(
+            _,
+            Reply::GetBlob {
+                token, result: 0, ..
+            },
+        )] => token,
+        ref r => panic!("{r:?}"),
+    };
+    let fetch = |token, start| Request::FetchRange {
+        token,
+        start,
+        count: 4096,
+    };
+    // Opens: "b" only for CONN, "c" shared; fills: granule 0 shared,
+    // granule 8 only for CONN. None of them has run yet.
+    h.send(Request::get_blob(1, "b").unwrap(), true);
+    let (open_b, _) = h.one_job();
+    h.send(Request::get_blob(1, "c").unwrap(), true);
+    let (open_c, open_c_kind) = h.one_job();
+    let tag_c = h.send_as(other, Request::get_blob(1, "c").unwrap());
+    h.fetch(t1, 0, 4096);
+    let (shared_fill, shared_kind) = h.one_job();
+    let tag_fill = h.send_as(other, fetch(t2, 0));
+    h.fetch(t1, 8 * 4096, 4096);
+    let (own_fill, _) = h.one_job();
+    // "d": CONN's alone at close, but the other joins before the take.
+    h.send(Request::get_blob(1, "d").unwrap(), true);
+    let (open_d, open_d_kind) = h.one_job();
+    assert_eq!(h.svc.waiting(CONN()), 5);
+    assert!(h.svc.take_orphans().is_empty(), "nobody closed yet");
+
+    h.svc.close_session(CONN());
+    let tag_d = h.send_as(other, Request::get_blob(1, "d").unwrap());
+    let mut orphans = h.svc.take_orphans();
+    orphans.sort_unstable();
+    assert_eq!(orphans, vec![open_b, own_fill]);
+    assert!(h.svc.take_orphans().is_empty(), "reported once");
+    for id in [open_c, shared_fill, open_d] {
+        assert!(!orphans.contains(&id));
+    }
+
+    // The pool removed them: forgotten cleanly, counted as no failure.
+    for id in orphans {
+        h.svc.job_cancelled(id);
+    }
+    assert!(h.replies().is_empty(), "nothing for the closed connection");
+    assert_eq!(h.svc.metrics().work.fills_failed.get(), 0);
+    assert_eq!(h.svc.waiting(other), 3);
+    // The shared jobs still answer the other connection.
+    for (id, kind) in [
+        (open_c, open_c_kind),
+        (shared_fill, shared_kind),
+        (open_d, open_d_kind),
+    ] {
+        let out = h.runner.run(kind);
+        h.svc.job_done(id, Some(out));
+    }
+    let mut tags: Vec<u64> = h.replies().iter().map(|(t, _)| *t).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, vec![tag_c, tag_fill, tag_d]);
+    assert_eq!(h.svc.waiting(other), 0);
+    // The cancelled open and fill left nothing in flight: asked again,
+    // they start anew and succeed.
+    h.send_as(other, Request::get_blob(1, "b").unwrap());
+    h.run_jobs();
+    assert!(matches!(
+        h.replies()[..],
+        [(_, Reply::GetBlob { result: 0, .. })]
+    ));
+    h.send_as(other, fetch(t2, 8 * 4096));
+    h.run_jobs();
+    assert!(matches!(
+        h.replies()[..],
+        [(
+            _,
+            Reply::FetchRange {
+                result: 0,
+                count: 4096,
+                ..
+            }
+        )]
+    ));
+    assert!(h.svc.idle());
+}
+
+/// Readahead is a reader's stream's work, not a request's: a closed
+/// connection's fetch that joined a queued readahead fill leaves it queued.
+#[test]
+fn readahead_a_closed_connection_waited_on_is_not_orphaned() {
+    let mut h = Harness::new(&[("b", 64 * 4096)], None);
+    let token = h.token("b");
+    // Three sequential reads start readahead behind the third.
+    let mut ahead = Vec::new();
+    for i in 0..3u64 {
+        h.fetch(token, i * 4096, 4096);
+        for (id, kind) in h.svc.take_jobs().collect::<Vec<_>>() {
+            if kind.priority() == crate::worker::Priority::Background {
+                ahead.push((id, kind));
+            } else {
+                let out = h.runner.run(kind);
+                h.svc.job_done(id, Some(out));
+            }
+        }
+    }
+    let (id, kind) = ahead.remove(0);
+    let JobKind::Fill { g0, .. } = kind else {
+        panic!("{kind:?}")
+    };
+    h.fetch(token, g0 * 4096, 100);
+    assert_eq!(h.svc.take_promoted().collect::<Vec<_>>(), vec![id]);
+    h.svc.close_session(CONN());
+    assert!(h.svc.take_orphans().is_empty());
+}

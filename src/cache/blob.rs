@@ -281,6 +281,8 @@ impl Blob {
                 // no longer be of what the file holds.
                 if expected.is_some() {
                     self.checksum.rewritten_from(0);
+                    // Its result is logged; this fill fails either way.
+                    let _ = self.recheck_after_late_write(backend, backend_id, expected);
                 }
                 return Err(e);
             }
@@ -297,6 +299,7 @@ impl Blob {
         if expected.is_some() {
             // Bytes the hash may already cover were written again.
             self.checksum.rewritten_from(w0.min(start));
+            self.recheck_after_late_write(backend, backend_id, expected)?;
         }
         // The fill that completes the blob checks it before its own granules
         // are reported ready, so a blob never shows complete and unchecked.

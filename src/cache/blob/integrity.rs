@@ -105,6 +105,31 @@ impl Blob {
         Ok(())
     }
 
+    /// A fill that returns to a blob already checked wrote over checked
+    /// bytes: it ran past its timeout and its range was filled again
+    /// meanwhile, or a whole body from another endpoint covered its range
+    /// while it ran. The check is made again from the first byte, so a blob
+    /// never stays VERIFIED over bytes written after its check (a mismatch
+    /// discards it, and it is fetched again). Readers may have read those
+    /// bytes in between: nothing can stop a write already under way.
+    pub(super) fn recheck_after_late_write(
+        &self,
+        backend: &dyn Backend,
+        backend_id: &str,
+        expected: Option<[u8; 32]>,
+    ) -> Result<(), BackendError> {
+        if expected.is_none() || !self.is_verified() {
+            return Ok(());
+        }
+        log::warn!(
+            "blob {}: a late fill wrote into the checked blob; checking it again",
+            self.id
+        );
+        self.verified.store(false, Ordering::Release);
+        self.checksum.rewritten_from(0);
+        self.verify(backend, backend_id, expected)
+    }
+
     /// Forgets every ready granule and the bytes behind them, in the order
     /// a crash at any point cannot turn into a trusted map over dropped
     /// bytes: the bits are cleared in memory, the cleared map is written
@@ -251,6 +276,48 @@ mod tests {
         assert_eq!(now, [0u8; 16]);
         assert_eq!(b.data.metadata().unwrap().len(), 4 * 4096);
         assert_eq!(b.ready_count(), 0);
+    }
+
+    /// Serves garbage for every range: what a fill abandoned at its timeout
+    /// might write when it finally returns from a bad endpoint.
+    struct Garbage([u8; 32]);
+
+    impl Backend for Garbage {
+        fn blob_size(&self, _id: &str) -> Result<u64, BackendError> {
+            Ok(4 * 4096)
+        }
+        fn read_into(&self, _: &str, off: u64, len: u64, dst: &File) -> Result<(), BackendError> {
+            dst.write_all_at(&vec![0xee; len as usize], off)
+                .map_err(|e| BackendError::Io("write".into(), e))
+        }
+        fn expected_sha256(&self, _id: &str) -> Option<[u8; 32]> {
+            Some(self.0)
+        }
+        fn describe(&self) -> String {
+            "garbage".into()
+        }
+    }
+
+    /// Review finding: a fill that returned after its blob was checked (a
+    /// late, abandoned fill whose range was filled again) left the blob
+    /// VERIFIED over the bytes it wrote, never hashed again. Now the check
+    /// is made again and the blob discarded.
+    #[test]
+    fn a_fill_that_writes_into_a_checked_blob_has_it_checked_again() {
+        let (_d, cfg, be, data) = setup(4 * 4096, 4096);
+        let good = digested(be, &data);
+        let sum = good.1;
+        let b = Blob::open(&cfg, &good, "b").unwrap();
+        assert!(b.fill(&good, 0, 4).unwrap());
+        assert!(b.is_verified());
+        let e = b.fill_from(&Garbage(sum), "b", 1, 1).unwrap_err();
+        assert!(matches!(e, BackendError::Integrity(_)), "{e}");
+        assert!(!b.is_verified());
+        assert_eq!(b.ready_count(), 0, "discarded, to be fetched again");
+        // A late write that rewrites the same bytes leaves it checked.
+        assert!(b.fill(&good, 0, 4).unwrap());
+        assert!(b.fill_from(&good, "b", 2, 1).unwrap());
+        assert!(b.is_verified() && b.ready_count() == 4);
     }
 
     /// Writes like its inner backend, then holds the fill until told to go

@@ -42,3 +42,39 @@ fn six_thousand_getblobs_on_one_connection_never_run_out() {
         "daemon fds grew from {fds_before} to {fds_after}"
     );
 }
+
+#[test]
+fn a_daemon_that_opened_more_blobs_than_it_keeps_open_stays_under_its_fd_bound() {
+    // More distinct blobs than blobmgr::cache::MAX_OPEN_BLOBS (1024).
+    let n = blobmgr::cache::MAX_OPEN_BLOBS + 176;
+    let d = Daemon::start(&[]);
+    for i in 0..n {
+        d.add_blob(&format!("m{i}"), &pattern(4096, i as u64));
+    }
+    let fds_before = d.fd_count();
+    // In batches on connections that then close, so no token holds them.
+    for batch in (0..n).collect::<Vec<_>>().chunks(100) {
+        let mut c = d.raw();
+        for &i in batch {
+            let (token, result, fd) = c.get_blob(1, &format!("m{i}"));
+            assert_eq!(result, 0, "GetBlob m{i}");
+            drop(fd);
+            assert_eq!(c.fetch(token, 0, 4096), (4096, 0));
+        }
+    }
+    // The first blob, closed long ago, opens again with its bytes.
+    let mut c = d.raw();
+    let (token, result, fd) = c.get_blob(1, "m0");
+    assert_eq!(result, 0);
+    assert_eq!(c.fetch(token, 0, 4096), (4096, 0));
+    let mut got = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::from(fd.unwrap()), &mut got, 0)
+        .unwrap();
+    assert_eq!(got, pattern(4096, 0));
+    let fds_after = d.fd_count();
+    let bound = fds_before + 3 * blobmgr::cache::MAX_OPEN_BLOBS + 16;
+    assert!(
+        fds_after <= bound,
+        "daemon fds grew from {fds_before} to {fds_after} for {n} blobs (bound {bound})"
+    );
+}

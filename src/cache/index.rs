@@ -139,6 +139,8 @@ impl Index {
         if let Some(&k) = self.by_id.get(blob.id()) {
             return k;
         }
+        // Room for this one among the blobs kept open (fds are bounded).
+        self.close_idle(self.cfg.max_open_blobs.saturating_sub(1));
         self.forget_cold(blob.id());
         let bytes = blob.ready_bytes();
         self.used += bytes;

@@ -32,6 +32,14 @@ use std::path::{Path, PathBuf};
 /// Default granule: see docs/PERFORMANCE.md for the measurement behind it.
 pub const DEFAULT_GRANULE: u64 = 1 << 20;
 
+/// Most blobs kept open. An open blob holds three fds (its data file, the
+/// read-only fd handed to clients, its map); past this, opening another
+/// closes the least recently used one that no token holds and no job uses,
+/// which stays in the cache as a blob on disk. 1024 blobs are 3072 fds:
+/// beside the default `--max-conns` (16384) that stays under the shipped
+/// unit's `LimitNOFILE=20000` however many blobs a daemon opens over weeks.
+pub const MAX_OPEN_BLOBS: usize = 1024;
+
 /// The largest blob the cache takes: 1 TiB, more than any image layer, and
 /// a bound on what a backend's size can make it allocate (the readiness
 /// bits: 128 KiB at the default granule, 32 MiB at the smallest).
@@ -74,6 +82,8 @@ pub struct CacheConfig {
     /// Largest readahead window in bytes for a sequential reader; 0 turns
     /// readahead off.
     pub readahead: u64,
+    /// Most blobs kept open ([`MAX_OPEN_BLOBS`]); see `index/cold.rs`.
+    pub max_open_blobs: usize,
 }
 
 impl CacheConfig {
@@ -85,6 +95,7 @@ impl CacheConfig {
             limit: None,
             min_free: None,
             readahead: DEFAULT_READAHEAD,
+            max_open_blobs: MAX_OPEN_BLOBS,
         }
     }
 

@@ -1,11 +1,14 @@
-//! Blobs an earlier run left in the work dir that no client has opened
-//! since the daemon started: counted against the limit from the start
-//! (one directory scan), evictable, and kept counted while an open of one
-//! runs, fails, or while the delete of an evicted blob did not happen.
+//! Blobs in the work dir that are not open: those an earlier run left
+//! there that no client has opened since the daemon started (counted
+//! against the limit from the start, one directory scan), and those closed
+//! because more than `max_open_blobs` were open. Evictable, and kept
+//! counted while an open of one runs, fails, or while the delete of an
+//! evicted blob did not happen.
 
 use super::Index;
 use crate::cache::{scan_data_dir, CacheConfig};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A blob whose files are in the work dir but that no client opened since
 /// the daemon started.
@@ -66,6 +69,38 @@ impl Index {
         }
     }
 
+    /// Closes open blobs, least recently used first, until at most `keep`
+    /// are open: only blobs no token holds, no fill fills and no job or
+    /// request holds a reference to (so no I/O on their files is under way
+    /// and their map file holds every bit they have: each fill writes it
+    /// when it marks). Each stays counted as a cold blob; a GetBlob opens
+    /// it again from its files.
+    pub(super) fn close_idle(&mut self, keep: usize) {
+        while self.blobs.len() > keep {
+            let idle = self
+                .blobs
+                .iter()
+                .filter(|(_, b)| {
+                    b.refs == 0 && b.inflight.is_empty() && Arc::strong_count(&b.blob) == 1
+                })
+                .min_by_key(|(_, b)| b.last_used)
+                .map(|(k, _)| k);
+            let Some(key) = idle else {
+                return;
+            };
+            let ob = self.blobs.remove(key);
+            let id = ob.blob.id().to_owned();
+            self.by_id.remove(&id);
+            log::debug!("closing blob {id}: more than {keep} open; it stays cached");
+            let cold = ColdBlob {
+                bytes: ob.bytes,
+                last_used: ob.last_used,
+                opening: false,
+            };
+            self.cold.insert(id, cold);
+        }
+    }
+
     /// The delete of evicted blob `id` (counted for `bytes`) never ran or
     /// failed: its files may still be on disk, so it is counted again, as
     /// a cold blob first in line for the next eviction.
@@ -80,5 +115,53 @@ impl Index {
             opening: false,
         };
         self.cold.insert(id.to_owned(), cold);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::tests::setup;
+    use crate::cache::Blob;
+
+    #[test]
+    fn past_the_open_limit_idle_blobs_are_closed_and_stay_cached() {
+        let (d, cfg, be, _) = setup(2 * 4096, 4096);
+        for id in ["a", "c", "e"] {
+            std::fs::write(d.path().join("be").join(id), [7u8; 4096]).unwrap();
+        }
+        let mut cfg = (*cfg).clone();
+        cfg.max_open_blobs = 2;
+        let cfg = Arc::new(cfg);
+        let mut index = Index::new(cfg.clone());
+        let open = |index: &mut Index, id| {
+            let b = Blob::open(&cfg, &be, id).unwrap();
+            b.fill(&be, 0, 1).unwrap();
+            index.insert(b)
+        };
+        open(&mut index, "a");
+        let b = open(&mut index, "b");
+        index.acquire(b); // a token holds "b"
+        let used = index.used_bytes();
+        // A third blob: "a", idle, is closed; "b" is held.
+        open(&mut index, "c");
+        assert_eq!(index.len(), 2);
+        assert!(index.lookup("a").is_none() && index.lookup("b").is_some());
+        assert_eq!(index.blob_count(), 3, "still cached");
+        assert_eq!(index.used_bytes(), used + 4096, "still counted");
+        // A blob a job still holds is not closed either.
+        let c = index.lookup("c").unwrap();
+        let held = index.blob(c).unwrap().clone();
+        open(&mut index, "e");
+        assert_eq!(index.len(), 3, "nothing idle to close: over the limit");
+        drop(held);
+        // Opened again from its files, its granule is still ready; room is
+        // made by closing both idle blobs.
+        let again = Blob::open(&cfg, &be, "a").unwrap();
+        assert!(again.is_ready(0), "the map kept what was filled");
+        index.insert(again);
+        assert_eq!(index.len(), 2);
+        assert!(index.lookup("b").is_some() && index.lookup("a").is_some());
+        assert_eq!(index.blob_count(), 4);
     }
 }

@@ -265,9 +265,7 @@ fn references(
 /// `--backend http(s)://HOST[:PORT]/REPOSITORY` and its options.
 fn registry_backend(url: &str, o: &ServeOptions, call_timeout: Duration) -> Result<Registry, Fail> {
     let mut opts = registry_options(o, call_timeout);
-    if let Ok(u) = url::Url::parse(url) {
-        opts.proxy = ProxyEnv::from_process().for_url(&u);
-    }
+    opts.proxy = ProxyEnv::from_process();
     let password = match &o.registry_password_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -73,8 +73,9 @@ pub struct RegistryOptions {
     /// the token realm for an access token (see `auth`). Takes the place of
     /// `credentials` there.
     pub identity_token: Option<String>,
-    /// HTTP proxy URL to reach the registry through.
-    pub proxy: Option<String>,
+    /// The proxy settings: each request (the registry, a redirect target,
+    /// a token realm) goes through the proxy they give its own URL.
+    pub proxy: proxy::ProxyEnv,
     /// Extra headers sent to the registry (hosts.toml `header`).
     pub headers: Vec<(String, String)>,
     /// The TLS config of the endpoint's agent (see [`Tls`]); `None`: ureq's
@@ -91,7 +92,7 @@ impl Default for RegistryOptions {
             backoff: Duration::from_millis(100),
             credentials: None,
             identity_token: None,
-            proxy: None,
+            proxy: proxy::ProxyEnv::default(),
             headers: Vec::new(),
             tls: None,
         }
@@ -108,7 +109,7 @@ impl fmt::Debug for RegistryOptions {
             .field("backoff", &self.backoff)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
             .field("identity_token", &self.identity_token.is_some())
-            .field("proxy", &self.proxy.is_some())
+            .field("proxy", &self.proxy.is_set())
             .field(
                 "headers",
                 &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),

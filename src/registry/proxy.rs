@@ -60,6 +60,16 @@ impl ProxyEnv {
         }
     }
 
+    /// Whether any proxy is set.
+    pub fn is_set(&self) -> bool {
+        self.http.is_some() || self.https.is_some()
+    }
+
+    /// The proxies of `http://` and `https://` URLs (before `NO_PROXY`).
+    pub fn by_scheme(&self) -> (Option<&str>, Option<&str>) {
+        (self.http.as_deref(), self.https.as_deref())
+    }
+
     /// The proxy to reach `url` through, if any.
     pub fn for_url(&self, url: &Url) -> Option<String> {
         let proxy = match url.scheme() {
@@ -67,12 +77,17 @@ impl ProxyEnv {
             "https" => self.https.clone(),
             _ => None,
         }?;
-        let host = url
-            .host_str()?
-            .trim_matches(['[', ']'])
-            .to_ascii_lowercase();
+        (!self.excludes(url)).then_some(proxy)
+    }
+
+    /// Whether `NO_PROXY` names `url`'s host (and port).
+    pub fn excludes(&self, url: &Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
         let port = url.port_or_known_default();
-        let excluded = self.no_proxy.iter().any(|e| {
+        self.no_proxy.iter().any(|e| {
             if e == "*" {
                 return true;
             }
@@ -83,8 +98,7 @@ impl ProxyEnv {
             let name = name.trim_matches(['[', ']']);
             let host_ok = host == name || host.ends_with(&format!(".{name}"));
             host_ok && want_port.is_none_or(|p| Some(p) == port)
-        });
-        (!excluded).then_some(proxy)
+        })
     }
 }
 

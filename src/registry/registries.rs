@@ -127,7 +127,7 @@ impl Registries {
                 ttl = ttl.min(self.cfg.cool_down);
             }
         }
-        opts.proxy = self.cfg.proxy.for_url(&ep.url);
+        opts.proxy = self.cfg.proxy.clone();
         opts.headers = ep.headers.clone();
         let client = Registry::endpoint(ep.url.clone(), r.repository(), &opts)
             .map_err(|e| config_error(format!("endpoint {}", ep.url), e))?;

@@ -119,6 +119,9 @@ pub(super) struct Reply {
 /// The shared HTTP client with the backend's timeout and retry settings.
 pub(super) struct Http {
     agent: ureq::Agent,
+    /// The proxies, chosen per request URL: a redirect or a token realm on
+    /// another host gets its own (`NO_PROXY` applies to it too).
+    proxies: Proxies,
     timeout: Duration,
     call_budget: Option<Duration>,
     retries: u32,
@@ -137,9 +140,9 @@ impl Http {
             .http_status_as_error(false)
             // Redirects are followed by hand: see `follow`.
             .max_redirects(0)
-            // Set either way: ureq's default would read the environment,
-            // where NO_PROXY is applied by `proxy::ProxyEnv` instead.
-            .proxy(opts.proxy.as_deref().and_then(http_proxy))
+            // None for the agent (ureq's default would read the
+            // environment): each request sets the one for its URL.
+            .proxy(None)
             .timeout_connect(Some(opts.timeout))
             .max_idle_connections(IDLE_CONNECTIONS)
             .max_idle_connections_per_host(IDLE_CONNECTIONS)
@@ -159,8 +162,15 @@ impl Http {
             ),
             None => Agent::with_parts(config, connect.chain(RustlsConnector::default()), resolver),
         };
+        let (http, https) = opts.proxy.by_scheme();
+        let proxies = Proxies {
+            http: http.and_then(http_proxy),
+            https: https.and_then(http_proxy),
+            env: opts.proxy.clone(),
+        };
         Http {
             agent,
+            proxies,
             headers: opts.headers.clone(),
             timeout: opts.timeout,
             call_budget: opts.call_budget,
@@ -240,6 +250,7 @@ impl Http {
         let req = self
             .agent
             .configure_request(req)
+            .proxy(self.proxies.for_url(url))
             .timeout_global(Some(left))
             .build();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -259,6 +270,7 @@ impl Http {
             .agent
             .post(url.as_str())
             .config()
+            .proxy(self.proxies.for_url(url))
             .timeout_global(Some(time_left(deadline, url)?))
             .build();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -306,6 +318,26 @@ impl Http {
                 log::debug!("{method} {}: redirected off the registry", redact(&target));
             }
         }
+    }
+}
+
+/// The proxies of an [`Http`], parsed once.
+struct Proxies {
+    http: Option<ureq::Proxy>,
+    https: Option<ureq::Proxy>,
+    env: super::proxy::ProxyEnv,
+}
+
+impl Proxies {
+    /// The proxy for a request to `url`: its scheme's, unless `NO_PROXY`
+    /// names its host.
+    fn for_url(&self, url: &Url) -> Option<ureq::Proxy> {
+        let proxy = match url.scheme() {
+            "http" => self.http.as_ref(),
+            "https" => self.https.as_ref(),
+            _ => None,
+        }?;
+        (!self.env.excludes(url)).then(|| proxy.clone())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tests of `transport`.
 
 use super::*;
+use crate::registry::proxy::ProxyEnv;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread::JoinHandle;
@@ -222,8 +223,9 @@ fn through_a_proxy_http_goes_in_absolute_form_with_its_query_and_https_by_connec
     );
     // A proxy with a login: it goes with both kinds of request.
     let with_login = proxy.as_str().replacen("http://", "http://user:pass@", 1);
+    let with_login = with_login.trim_end_matches('/').to_owned();
     let h = Http::new(&RegistryOptions {
-        proxy: Some(with_login.trim_end_matches('/').to_owned()),
+        proxy: ProxyEnv::new(Some(with_login.clone()), Some(with_login), ""),
         ..RegistryOptions::default()
     });
     // Hosts that do not resolve: only the proxy is asked.
@@ -445,4 +447,46 @@ fn proxy_urls_in_logs_never_show_a_password() {
         assert_eq!(r, shown, "{given}");
         assert!(!r.contains("s3cret") && !r.contains("alice"), "{r}");
     }
+}
+
+/// Review finding: the proxy was chosen once, for the endpoint's URL, and
+/// used for every host the agent reached, so `NO_PROXY` did not apply to a
+/// redirect target (an object store, a CDN). Now each request gets the
+/// proxy of its own URL.
+#[test]
+fn a_redirect_to_a_host_no_proxy_names_goes_direct() {
+    let (cdn, cdn_heads) = serve("127.0.0.1", vec![answer("200 OK", "")]);
+    let blob = cdn.join("blob").unwrap();
+    let (proxy, proxy_heads) = serve(
+        "127.0.0.1",
+        vec![answer(
+            "307 Temporary Redirect",
+            &format!("Location: {blob}\r\n"),
+        )],
+    );
+    let proxy = proxy.as_str().trim_end_matches('/').to_owned();
+    let h = Http::new(&RegistryOptions {
+        timeout: Duration::from_millis(3000),
+        proxy: ProxyEnv::new(Some(proxy), None, "127.0.0.1"),
+        ..RegistryOptions::default()
+    });
+    // The registry's name does not resolve: only the proxy can reach it.
+    let origin = Url::parse("http://reg.invalid/").unwrap();
+    let url = origin.join("v2/r/blobs/x").unwrap();
+    let reply = h
+        .follow("GET", &url, None, None, &origin, soon())
+        .expect("the CDN's answer");
+    assert_eq!(reply.resp.code(), 200);
+    let via_proxy = proxy_heads.join().unwrap();
+    assert!(
+        via_proxy[0].starts_with(&format!("GET {url} HTTP/1.1\r\n")),
+        "{}",
+        via_proxy[0]
+    );
+    let direct = cdn_heads.join().unwrap();
+    assert!(
+        direct[0].starts_with("GET /blob HTTP/1.1\r\n"),
+        "{}",
+        direct[0]
+    );
 }

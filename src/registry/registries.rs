@@ -7,10 +7,11 @@
 //! never skipped, so its answer is the one a client sees when all failed.
 //!
 //! An endpoint client is a [`Registry`] per endpoint, repository and TLS
-//! settings, kept a while (see [`super::clients`]), made with the credentials Docker's config gives
-//! for the endpoint's host (a credential helper runs here, on a worker
-//! thread), the proxy the environment names for its URL, and, for an
-//! `https://` endpoint, a TLS config with the hosts.toml `ca` files and
+//! settings, kept a while (see `registry/clients.rs`), made with the
+//! credentials Docker's config gives for the endpoint's host (a credential
+//! helper runs here, on a worker thread), the environment's proxies (each
+//! request takes the one its own URL calls for), and, for an `https://`
+//! endpoint, a TLS config with the hosts.toml `ca` files and
 //! `skip_verify` (made once per endpoint and settings; a CA file that does
 //! not load fails the endpoint, and is read again on its next use).
 

@@ -20,8 +20,7 @@ pub(super) struct PendingFetch {
     count: u64,
     remaining: usize,
     failed: bool,
-    /// NEED_REPLY was set; a prefetch hint has none.
-    pub(super) reply: bool,
+    reply: bool,
     /// When the request arrived, for `blobmgr_fetch_seconds`.
     started: Instant,
     /// The fill jobs it waits on (some may have ended): the jobs to check

@@ -9,13 +9,10 @@
 //! the pool; those the pool removes come back through
 //! [`Service::job_cancelled`]. The service never calls the pool itself.
 //!
-//! Never orphaned: a job another live connection waits on, a fill a
-//! prefetch hint waits on (CONTRACT.md: the range is fetched in the
-//! background; it fills bytes of a blob the client can name, which costs
-//! no more than asking for them with a reply would), readahead (started for
-//! a reader's stream, even if a request joined it later), deletes and
-//! checkpoints (housekeeping), and abandoned jobs. A job that already runs
-//! is left to finish: its bytes still fill the cache.
+//! Never orphaned: a job another live connection waits on, readahead
+//! (started for a reader's stream, even if a request joined it later),
+//! deletes and checkpoints (housekeeping), and abandoned jobs. A job that
+//! already runs is left to finish: its bytes still fill the cache.
 
 use super::{Service, Session};
 use crate::connection::ConnId;
@@ -48,7 +45,7 @@ impl Service {
             }
         }
         for fid in &s.fetches {
-            if let Some(p) = self.fetches.get(*fid).filter(|p| p.reply) {
+            if let Some(p) = self.fetches.get(*fid) {
                 self.orphan_candidates.extend_from_slice(&p.jobs);
             }
         }
@@ -78,14 +75,11 @@ impl Service {
                 .get(blob_id)
                 .is_some_and(|o| o.job == Some(id) && o.waiters.iter().all(|w| dead(w.conn))),
             Some((JobKind::Fill { .. }, waiters)) => {
-                // A fill nobody waits for at all is not a request's work;
-                // one a prefetch hint waits on is kept (module docs).
+                // A fill nobody waits for at all is not a request's work.
                 !waiters.is_empty()
-                    && waiters.iter().all(|&fid| {
-                        self.fetches
-                            .get(fid)
-                            .is_none_or(|p| p.reply && dead(p.conn))
-                    })
+                    && waiters
+                        .iter()
+                        .all(|&fid| self.fetches.get(fid).is_none_or(|p| dead(p.conn)))
             }
             _ => false,
         }

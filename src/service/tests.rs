@@ -557,14 +557,10 @@ fn a_closed_connections_own_queued_jobs_are_reported_for_cancelling() {
     let tag_fill = h.send_as(other, fetch(t2, 0));
     h.fetch(t1, 8 * 4096, 4096);
     let (own_fill, _) = h.one_job();
-    // A prefetch hint (no NEED_REPLY), CONN's alone: fetched in the
-    // background whether CONN stays or not.
-    h.send(fetch(t1, 12 * 4096), false);
-    let (hinted_fill, hinted_kind) = h.one_job();
     // "d": CONN's alone at close, but the other joins before the take.
     h.send(Request::get_blob(1, "d").unwrap(), true);
     let (open_d, open_d_kind) = h.one_job();
-    assert_eq!(h.svc.waiting(CONN()), 6);
+    assert_eq!(h.svc.waiting(CONN()), 5);
     assert!(h.svc.take_orphans().is_empty(), "nobody closed yet");
 
     h.svc.close_session(CONN());
@@ -573,7 +569,7 @@ fn a_closed_connections_own_queued_jobs_are_reported_for_cancelling() {
     orphans.sort_unstable();
     assert_eq!(orphans, vec![open_b, own_fill]);
     assert!(h.svc.take_orphans().is_empty(), "reported once");
-    for id in [open_c, shared_fill, open_d, hinted_fill] {
+    for id in [open_c, shared_fill, open_d] {
         assert!(!orphans.contains(&id));
     }
 
@@ -618,10 +614,6 @@ fn a_closed_connections_own_queued_jobs_are_reported_for_cancelling() {
             }
         )]
     ));
-    // The hint's fill runs: it fills the cache and answers nobody.
-    let out = h.runner.run(hinted_kind);
-    h.svc.job_done(hinted_fill, Some(out));
-    assert!(h.replies().is_empty());
     assert!(h.svc.idle());
 }
 

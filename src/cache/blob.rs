@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// One cached blob: its files and readiness bits.
+// Fourteen fields: the files, the readiness bits and what guards their
+// order of writes are one blob's state, shared by the reactor and workers.
 pub struct Blob {
     id: String,
     size: u64,
@@ -45,6 +47,9 @@ pub struct Blob {
     /// before a discard may have had its bytes punched out, so it marks
     /// nothing (see [`Blob::mark_unless_discarded`]).
     discards: AtomicU64,
+    /// Granules were marked since the last checkpoint: the map on disk
+    /// holds them but is not synced (not trusted after a reboot).
+    unsynced: AtomicBool,
 }
 
 impl fmt::Debug for Blob {
@@ -135,6 +140,9 @@ impl Blob {
                 .map_err(|e| OpenError::file("truncate", &map_path, e))?;
         }
         let verified = trusted.unwrap_or(false);
+        // A map taken from disk may be one of this boot's, not synced: a
+        // checkpoint makes sure before the blob may be closed.
+        let unsynced = trusted.is_some();
         let blob = Blob {
             id: id.to_owned(),
             size,
@@ -149,6 +157,7 @@ impl Blob {
             fill_rate: AtomicU64::new(0),
             checksum: Checksum::default(),
             discards: AtomicU64::new(0),
+            unsynced: AtomicBool::new(unsynced),
         };
         blob.check_if_complete(backend, backend_id);
         Ok(blob)
@@ -346,10 +355,23 @@ impl Blob {
     /// flagged as synced so it is trusted after a reboot too.
     pub fn checkpoint(&self) -> io::Result<()> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Marks take the map lock: none lands between this and the snapshot.
+        self.unsynced.store(false, Ordering::Release);
         let snapshot = self.encode_map(true);
-        self.data.sync_data()?;
-        map.write_all_at(&snapshot, 0)?;
-        map.sync_data()
+        let synced = self
+            .data
+            .sync_data()
+            .and_then(|_| map.write_all_at(&snapshot, 0))
+            .and_then(|_| map.sync_data());
+        if synced.is_err() {
+            self.unsynced.store(true, Ordering::Release);
+        }
+        synced
+    }
+
+    /// Whether granules were marked since the last checkpoint.
+    pub fn is_unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
     }
 
     /// Marks granules `[g0, g0 + n)` ready and writes the map, unless the
@@ -364,6 +386,7 @@ impl Blob {
             return false;
         }
         self.mark_ready(g0, n);
+        self.unsynced.store(true, Ordering::Release);
         // The snapshot is taken under the lock: a later writer's snapshot
         // includes every bit an earlier one saw.
         if let Err(e) = map.write_all_at(&self.encode_map(false), 0) {

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokens::Tokens;
 
+/// Idle blobs checkpointed per open at the open-blob limit (see
+/// `Index::to_checkpoint_for_closing`): enough to keep ahead of the opens.
+const CLOSING_CHECKPOINTS: usize = 4;
+
 /// What the service emits for the reactor.
 #[derive(Debug)]
 pub enum Output {
@@ -412,6 +416,11 @@ impl Service {
         };
         if result.is_err() {
             self.index.open_failed(&blob_id);
+        }
+        // At the open limit, idle blobs with unsynced marks are made
+        // durable, so that a later open may close them.
+        for blob in self.index.to_checkpoint_for_closing(CLOSING_CHECKPOINTS) {
+            self.jobs.start(JobKind::Checkpoint { blob });
         }
         for w in waiters {
             let Some(s) = session(&mut self.sessions, w.conn) else {

@@ -5,7 +5,8 @@
 //! counted while an open of one runs, fails, or while the delete of an
 //! evicted blob did not happen.
 
-use super::Index;
+use super::{Index, OpenBlob};
+use crate::cache::Blob;
 use crate::cache::{scan_data_dir, CacheConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,19 +71,19 @@ impl Index {
     }
 
     /// Closes open blobs, least recently used first, until at most `keep`
-    /// are open: only blobs no token holds, no fill fills and no job or
-    /// request holds a reference to (so no I/O on their files is under way
-    /// and their map file holds every bit they have: each fill writes it
-    /// when it marks). Each stays counted as a cold blob; a GetBlob opens
-    /// it again from its files.
+    /// are open: only blobs no token holds, no fill fills, no job or
+    /// request holds a reference to (so no I/O on their files is under way)
+    /// and whose marks are checkpointed (their map on disk is synced and
+    /// holds every bit they have), and not in a hung backend's cool-down
+    /// (the breaker lives in the open blob). Each stays counted as a cold
+    /// blob; a GetBlob opens it again from its files. Idle blobs that only
+    /// lack a checkpoint are named by [`Index::to_checkpoint_for_closing`].
     pub(super) fn close_idle(&mut self, keep: usize) {
         while self.blobs.len() > keep {
             let idle = self
                 .blobs
                 .iter()
-                .filter(|(_, b)| {
-                    b.refs == 0 && b.inflight.is_empty() && Arc::strong_count(&b.blob) == 1
-                })
+                .filter(|(_, b)| idle(b) && !b.blob.is_unsynced())
                 .min_by_key(|(_, b)| b.last_used)
                 .map(|(k, _)| k);
             let Some(key) = idle else {
@@ -99,6 +100,24 @@ impl Index {
             };
             self.cold.insert(id, cold);
         }
+    }
+
+    /// With the open blobs at their limit, up to `n` idle blobs that
+    /// cannot be closed only for want of a checkpoint, least recently used
+    /// first: the caller checkpoints them on a worker, and an open after
+    /// that may close them.
+    pub fn to_checkpoint_for_closing(&self, n: usize) -> Vec<Arc<Blob>> {
+        if self.blobs.len() < self.cfg.max_open_blobs {
+            return Vec::new();
+        }
+        let mut dirty: Vec<&OpenBlob> = self
+            .blobs
+            .iter()
+            .map(|(_, b)| b)
+            .filter(|b| idle(b) && b.blob.is_unsynced())
+            .collect();
+        dirty.sort_by_key(|b| b.last_used);
+        dirty.iter().take(n).map(|b| b.blob.clone()).collect()
     }
 
     /// The delete of evicted blob `id` (counted for `bytes`) never ran or
@@ -118,6 +137,12 @@ impl Index {
     }
 }
 
+/// No token holds `b`, no fill fills it, nothing else holds a reference
+/// (no job, no request) and no cool-down is on.
+fn idle(b: &OpenBlob) -> bool {
+    b.refs == 0 && b.inflight.is_empty() && b.hung.is_none() && Arc::strong_count(&b.blob) == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,9 +159,11 @@ mod tests {
         cfg.max_open_blobs = 2;
         let cfg = Arc::new(cfg);
         let mut index = Index::new(cfg.clone());
+        // Filled and checkpointed: closable once idle.
         let open = |index: &mut Index, id| {
             let b = Blob::open(&cfg, &be, id).unwrap();
             b.fill(&be, 0, 1).unwrap();
+            b.checkpoint().unwrap();
             index.insert(b)
         };
         open(&mut index, "a");
@@ -163,5 +190,25 @@ mod tests {
         assert_eq!(index.len(), 2);
         assert!(index.lookup("b").is_some() && index.lookup("a").is_some());
         assert_eq!(index.blob_count(), 4);
+
+        // Marks not checkpointed keep an idle blob open until a checkpoint
+        // (which the service runs on a worker) makes them durable.
+        let a = index.lookup("a").unwrap();
+        index.blob(a).unwrap().fill(&be, 0, 1).unwrap();
+        index.insert(Blob::open(&cfg, &be, "e").unwrap());
+        assert!(index.lookup("a").is_some(), "unsynced: not closed");
+        // Named for a checkpoint: "a", and "e", whose map came from disk.
+        let named = index.to_checkpoint_for_closing(4);
+        let mut ids: Vec<&str> = named.iter().map(|b| b.id()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["a", "e"]);
+        for b in &named {
+            b.checkpoint().unwrap();
+        }
+        drop(named);
+        assert!(index.to_checkpoint_for_closing(4).is_empty());
+        index.insert(Blob::open(&cfg, &be, "c").unwrap());
+        assert!(index.lookup("a").is_none(), "closed once checkpointed");
+        assert_eq!(index.len(), 2);
     }
 }

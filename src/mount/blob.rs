@@ -53,15 +53,6 @@ impl Valid {
         self.bits[(g / 64) as usize] & (1 << (g % 64)) != 0
     }
 
-    /// Whether the file has data over `[start, stop)` (offsets in the
-    /// blob): the daemon punches out the bytes of a blob that failed its
-    /// sha256 check, and a hole means granules this fd knew valid are not.
-    fn has_data(&self, start: u64, stop: u64) -> bool {
-        use nix::unistd::{lseek, Whence};
-        let at = (self.base + start) as i64;
-        matches!(lseek(&*self.file, at, Whence::SeekHole), Ok(h) if h as u64 >= self.base + stop)
-    }
-
     fn set(&mut self, g: u64) {
         let word = &mut self.bits[(g / 64) as usize];
         if *word & (1 << (g % 64)) == 0 {
@@ -159,22 +150,11 @@ impl BlobFile {
     }
 
     /// The fd and base in which granules `g0..=g1` are all known valid.
-    /// What is known is forgotten when their bytes are gone (a hole).
     fn known(&self, g0: u64, g1: u64) -> Option<(Arc<File>, u64)> {
-        let mut v = lock(&self.valid);
-        if !(g0..=g1).all(|g| v.has(g)) {
-            return None;
-        }
-        let stop = ((g1 + 1) * self.granule).min(self.size);
-        if !v.has_data(g0 * self.granule, stop) {
-            log::warn!(
-                "mount: blob {:?} lost bytes it had (failed its check?); fetching again",
-                self.id()
-            );
-            *v = Valid::new(v.file.clone(), v.base, self.granules());
-            return None;
-        }
-        Some((v.file.clone(), v.base))
+        let v = lock(&self.valid);
+        (g0..=g1)
+            .all(|g| v.has(g))
+            .then(|| (v.file.clone(), v.base))
     }
 
     /// Forgets every granule known valid: after a failed FetchRange the
@@ -286,23 +266,5 @@ mod tests {
         }
         assert_eq!(v.ready, 4);
         assert!(v.has(129) && v.has(63) && !v.has(1));
-    }
-
-    #[test]
-    fn bytes_punched_out_under_known_granules_are_seen() {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        let f = tempfile::tempfile().unwrap();
-        f.write_all_at(&[7u8; 4 * 4096], 0).unwrap();
-        let f = Arc::new(f);
-        // The blob starts 4096 bytes into the file.
-        let v = Valid::new(f.clone(), 4096, 3);
-        assert!(v.has_data(0, 3 * 4096));
-        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        fallocate(&*f, punch, 2 * 4096, 4096).unwrap();
-        assert!(v.has_data(0, 4096), "before the hole");
-        assert!(!v.has_data(0, 2 * 4096), "over the hole");
-        assert!(!v.has_data(4096, 3 * 4096));
-        f.set_len(0).unwrap();
-        assert!(!v.has_data(0, 4096), "truncated");
     }
 }

@@ -59,6 +59,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The youngest helper answer [`Credentials::forget`] drops.
+pub const MIN_REASK: Duration = Duration::from_secs(5);
+
 /// How long a credential helper may run.
 pub const DEFAULT_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a helper's answer for a host is reused.
@@ -404,9 +407,18 @@ impl Credentials {
 
     /// Forgets the helper answer kept for `authority`, whose credentials a
     /// registry just refused, so that the next lookup asks the helper
-    /// again (a rotated password, a renewed short-lived token).
+    /// again (a rotated password, a renewed short-lived token); but not
+    /// one younger than [`MIN_REASK`], so a client asking again and again
+    /// for what it may not pull does not run the helper each time.
     pub fn forget(&self, authority: &str) {
-        self.cache().remove(&normalise_key(authority));
+        let key = normalise_key(authority);
+        let mut cache = self.cache();
+        if cache
+            .get(&key)
+            .is_some_and(|(at, _)| at.elapsed() >= MIN_REASK)
+        {
+            cache.remove(&key);
+        }
     }
 
     /// The helper's answer for `key`, from the cache or by running it.

@@ -353,6 +353,11 @@ fn credentials_from_auths_helpers_and_store_and_secrets_stay_out_of_the_log() {
     assert_eq!(raw.open(1, &id1).err(), Some(EACCES), "the old password");
     let rotated = CredHelper::write("blobrot", &[(&r1.host(), "alice", PW_ALICE)]);
     std::fs::rename(rotated.path(), rot.path()).unwrap();
+    // Asked again once the refused answer is 5 s old (not on every refusal).
+    assert!(
+        common::wait_until(Duration::from_secs(20), || raw.open(1, &id1).is_ok()),
+        "the rotated password never taken"
+    );
     let b = raw.open_ok(&id1);
     pull_whole(&mut raw, &b, &one);
     // (The new script logs its calls next to where it was written.)

@@ -162,13 +162,7 @@ fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
         if round == 1 {
             kill(Pid::from_raw(pid), Signal::SIGUSR2).expect("SIGUSR2");
         } else {
-            let out = upgrade_cmd(&exe, &d.sock);
-            assert!(
-                out.status.success(),
-                "upgrade: {}\nlog:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                d.log_text()
-            );
+            upgrade_ok(&exe, &d);
         }
         let new = handed_over(&d.sock, pid);
         let before = reads.load(Ordering::Relaxed);
@@ -181,13 +175,7 @@ fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
         last.0.store(new as u64, Ordering::Relaxed);
     }
     // A broken binary: the daemon keeps serving.
-    let broken = dir.join("broken");
-    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let good = dir.join("good");
-    install(Path::new(bin()), &good);
-    install(&broken, &exe);
-    let out = upgrade_cmd(&good, &d.sock);
+    let out = upgrade_to_broken(&dir, &exe, &d);
     assert!(
         !out.status.success(),
         "an upgrade to a broken binary must fail"
@@ -226,6 +214,67 @@ fn upgrades_under_load_fail_nothing_and_keep_the_cache_warm() {
         "last daemon stops"
     );
     drop(last);
+}
+
+/// Fails the test loudly unless systemd's activation tool is installed.
+fn require_socket_activate() {
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        activate,
+        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
+    );
+}
+
+/// Installs a binary that exits 1 at the daemon's path `exe` (in `dir`),
+/// then runs `blobmgr upgrade` (a good copy) on `d`'s socket: its output.
+fn upgrade_to_broken(dir: &Path, exe: &Path, d: &Daemon) -> std::process::Output {
+    let broken = dir.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let good = dir.join("good");
+    install(Path::new(bin()), &good);
+    install(&broken, exe);
+    upgrade_cmd(&good, &d.sock)
+}
+
+/// `blobmgr upgrade` by `exe` on `d`'s socket, which must succeed.
+fn upgrade_ok(exe: &Path, d: &Daemon) {
+    let out = upgrade_cmd(exe, &d.sock);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+}
+
+/// [`upgrade_ok`], then the new daemon's pid (the old one was `old`) and a
+/// guard that kills it when the test ends.
+fn upgrade_to_new(exe: &Path, d: &Daemon, old: i32) -> (i32, Successor) {
+    let last = Successor(Arc::new(AtomicU64::new(0)));
+    upgrade_ok(exe, d);
+    let new = handed_over(&d.sock, old);
+    last.0.store(new as u64, Ordering::Relaxed);
+    (new, last)
+}
+
+/// A daemon from a copy of the binary, its manager notifications sent to
+/// a [`NotifySink`], with `env` added; spawned.
+fn notified_daemon(
+    env: &[(&str, &str)],
+) -> (Daemon, std::path::PathBuf, std::path::PathBuf, NotifySink) {
+    let (mut d, dir, exe) = daemon_from_copy();
+    let notes = NotifySink::bind(&dir.join("notify.sock"));
+    d.env
+        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
+    for (k, v) in env {
+        d.env.push((k.to_string(), v.to_string()));
+    }
+    d.spawn();
+    (d, dir, exe, notes)
 }
 
 /// Kills the daemon that took over (not a child of the test: the harness's
@@ -301,14 +350,7 @@ fn an_upgrade_keeps_the_default_socket_path() {
 #[test]
 fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let activate = Command::new("systemd-socket-activate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        activate,
-        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
-    );
+    require_socket_activate();
     let mut d = Daemon::prepare(&[]);
     let sock = d.sock.display().to_string();
     d.launcher = vec!["systemd-socket-activate".into(), "-l".into(), sock];
@@ -323,16 +365,7 @@ fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
     assert_eq!(d.raw().call(&noop), blobmgr::protocol::Reply::Noop);
     // The activator execs the daemon in place: same pid.
     let old = d.pid();
-    let last = Successor(Arc::new(AtomicU64::new(0)));
-    let out = upgrade_cmd(Path::new(bin()), &d.sock);
-    assert!(
-        out.status.success(),
-        "upgrade: {}\nlog:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log_text()
-    );
-    let new = handed_over(&d.sock, old);
-    last.0.store(new as u64, Ordering::Relaxed);
+    let (new, last) = upgrade_to_new(Path::new(bin()), &d, old);
     kill(Pid::from_raw(new), Signal::SIGTERM).expect("SIGTERM");
     assert!(wait_until(Duration::from_secs(30), || !alive(new)));
     let left = std::fs::symlink_metadata(&d.sock).map(|m| m.ino());
@@ -351,26 +384,13 @@ fn an_upgraded_socket_activated_daemon_leaves_the_socket_file() {
 #[test]
 fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut d, dir, exe) = daemon_from_copy();
-    let notes = NotifySink::bind(&dir.join("notify.sock"));
-    d.env
-        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
-    d.env.push(("WATCHDOG_USEC".into(), "200000".into()));
-    d.spawn();
+    let (d, _, exe, notes) = notified_daemon(&[("WATCHDOG_USEC", "200000")]);
     let old = d.pid();
     let log = || d.log_text();
     notes.until("WATCHDOG=1 from the first daemon", log, |n| {
         n.pid == old && n.has("WATCHDOG=1")
     });
-    let last = Successor(Arc::new(AtomicU64::new(0)));
-    let out = upgrade_cmd(&exe, &d.sock);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new = handed_over(&d.sock, old);
-    last.0.store(new as u64, Ordering::Relaxed);
+    let (new, last) = upgrade_to_new(&exe, &d, old);
     // Nobody pings from the old daemon's drain until the new one is ready:
     // the old one's MAINPID= pings and lengthens the timeout by the drain's
     // limit and the new binary's start (30 s + 20 s); the new one's READY=1
@@ -408,14 +428,7 @@ fn an_upgraded_daemon_keeps_pinging_the_watchdog() {
 /// something else).
 #[test]
 fn upgrade_signals_only_a_blobmgr_daemon() {
-    let activate = Command::new("systemd-socket-activate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        activate,
-        "systemd-socket-activate is not installed (Debian package systemd): run scripts/setup-test-deps.sh"
-    );
+    require_socket_activate();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("held.sock");
     let mut holder = Command::new("systemd-socket-activate")
@@ -454,26 +467,14 @@ fn upgrade_signals_only_a_blobmgr_daemon() {
 #[test]
 fn an_upgrade_hands_the_main_pid_over_before_the_old_daemon_exits() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut d, dir, exe) = daemon_from_copy();
-    let notes = NotifySink::bind(&dir.join("notify.sock"));
-    d.env
-        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
-    d.spawn();
+    let (d, _, exe, notes) = notified_daemon(&[]);
     let old = d.pid();
     let log = || d.log_text();
     let first = notes.until("READY=1", log, |n| n.has("READY=1"));
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].pid, old);
     assert!(first[0].has(&format!("MAINPID={old}")), "{first:?}");
-    let last = Successor(Arc::new(AtomicU64::new(0)));
-    let out = upgrade_cmd(&exe, &d.sock);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new = handed_over(&d.sock, old);
-    last.0.store(new as u64, Ordering::Relaxed);
+    let (new, last) = upgrade_to_new(&exe, &d, old);
     // The work dir lock went with the socket: a second daemon is refused,
     // naming the new pid.
     let mut other = Daemon::prepare(&[]);
@@ -527,21 +528,11 @@ fn an_upgrade_hands_the_main_pid_over_before_the_old_daemon_exits() {
 #[test]
 fn a_failed_upgrade_ends_the_reload_with_the_old_daemon_ready() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut d, dir, exe) = daemon_from_copy();
-    let notes = NotifySink::bind(&dir.join("notify.sock"));
-    d.env
-        .push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
-    d.spawn();
+    let (d, dir, exe, notes) = notified_daemon(&[]);
     let old = d.pid();
     let log = || d.log_text();
     notes.until("READY=1", log, |n| n.has("READY=1"));
-    let broken = dir.join("broken");
-    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let good = dir.join("good");
-    install(Path::new(bin()), &good);
-    install(&broken, &exe);
-    let out = upgrade_cmd(&good, &d.sock);
+    let out = upgrade_to_broken(&dir, &exe, &d);
     assert!(!out.status.success(), "the upgrade fails");
     let said = notes.until("READY=1 again", log, |n| n.has("READY=1"));
     assert!(

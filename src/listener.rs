@@ -1,5 +1,6 @@
 //! The daemon's listening socket: created with a chosen mode whatever the
-//! umask, never stolen from a daemon that still answers, and removed on drop
+//! umask, never stolen from a daemon that still answers (daemons binding
+//! one path take turns, see `bind_lock`), and removed on drop
 //! only if the path still names the socket this process created. A socket
 //! made by someone else (systemd's socket activation, or an older daemon
 //! handing over) is adopted with [`Listener::from_fd`] and never removed.
@@ -46,6 +47,38 @@ fn unix_stream_socket() -> nix::Result<OwnedFd> {
     )
 }
 
+/// An exclusive `flock` on `.NAME.lock` beside the socket `path` (in
+/// `parent`), waited for: binders of one path take turns. The file is left
+/// in place (removing it would let a third binder lock a new one). A lock
+/// file this user may not open (another user's daemon made it) only costs
+/// the turn-taking, with a warning.
+fn bind_lock(path: &Path, parent: &Path) -> io::Result<Option<nix::fcntl::Flock<fs::File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let lock = parent.join(format!(".{name}.lock"));
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&lock);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            log::warn!("{}: {e}; binding without taking turns", lock.display());
+            return Ok(None);
+        }
+        Err(e) => return Err(ctx("open", &lock, e)),
+    };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(Some)
+        .map_err(|(_, e)| ctx("lock", &lock, e.into()))
+}
+
 fn ctx(what: &str, path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
@@ -55,6 +88,15 @@ impl Listener {
     /// given). A socket file nobody answers on is replaced; one a live daemon
     /// answers on, or any other kind of file, is an error.
     pub fn bind(path: &Path, mode: u32, group: Option<u32>, backlog: i32) -> io::Result<Listener> {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(|e| ctx("create", &parent, e))?;
+        // Held from the probe to the link: two daemons starting at once on a
+        // stale socket take turns, so the second probes the first's live
+        // socket instead of removing it.
+        let _turn = bind_lock(path, &parent)?;
         match fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(io::Error::new(
@@ -81,11 +123,6 @@ impl Listener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(ctx("stat", path, e)),
         }
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&parent).map_err(|e| ctx("create", &parent, e))?;
         // Bind inside a private directory, fix the mode, then link the
         // socket into place: it is never reachable with the umask's mode,
         // and two daemons racing for one path cannot both win.
@@ -96,6 +133,8 @@ impl Listener {
             .create(&private)
             .map_err(|e| ctx("create", &private, e))?;
         let tmp = private.join("sock");
+        #[cfg(test)]
+        tests::while_binding();
         let result = (|| {
             let fd = unix_stream_socket()?;
             let addr = UnixAddr::new(&tmp)?;
@@ -218,6 +257,7 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::FlockArg;
 
     #[test]
     fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
@@ -239,6 +279,54 @@ mod tests {
         let _l2 = Listener::bind(&p, 0o600, None, 128).unwrap();
         fs::write(d.path().join("plain"), b"x").unwrap();
         assert!(Listener::bind(&d.path().join("plain"), 0o600, None, 128).is_err());
+    }
+
+    thread_local! {
+        /// Run by `bind` on this thread between its probe and its link.
+        static WHILE_BINDING: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// The test hook of `bind`.
+    pub(super) fn while_binding() {
+        WHILE_BINDING.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
+    }
+
+    /// Review finding: two daemons starting at once on one stale socket
+    /// could both probe it, and the second remove the first's live socket.
+    /// Binders now take turns: from the probe to the link, `bind` holds the
+    /// lock beside the socket, so another binder waits and then probes the
+    /// live socket.
+    #[test]
+    fn a_binder_holds_the_lock_beside_the_socket_from_probe_to_link() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("turn.sock");
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap()); // stale
+        let seen = std::rc::Rc::new(std::cell::Cell::new(None));
+        let (seen2, dir) = (seen.clone(), d.path().to_path_buf());
+        WHILE_BINDING.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                let file = fs::File::open(dir.join(".turn.sock.lock")).unwrap();
+                let other = nix::fcntl::Flock::lock(file, FlockArg::LockExclusiveNonblock);
+                seen2.set(Some(other.err().map(|(_, e)| e)));
+            }))
+        });
+        let l = Listener::bind(&p, 0o600, None, 128).unwrap();
+        WHILE_BINDING.with(|h| *h.borrow_mut() = None);
+        assert_eq!(
+            seen.get(),
+            Some(Some(nix::errno::Errno::EWOULDBLOCK)),
+            "another binder could take the lock while this one bound"
+        );
+        // Released once bound: the next binder gets its turn, and finds
+        // this one live.
+        let e = Listener::bind(&p, 0o600, None, 128).err().expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
     }
 
     #[test]

@@ -66,8 +66,12 @@ struct Queue<T> {
     /// limit; only a job has waiters to fail.
     running: HashMap<usize, (Option<u64>, Instant)>,
     /// Workers whose job (or after-step) ran past the limit; each retires
-    /// when it returns.
+    /// when it returns, unless no replacement was started for it.
     stuck: HashSet<usize>,
+    /// Stuck workers no replacement was started for (the bound on them was
+    /// reached): each goes back to work when it returns, so the pool never
+    /// shrinks below its size.
+    unreplaced: HashSet<usize>,
     /// Worker threads started and not yet returned, stuck ones included:
     /// with `stuck`, whether any thread can still take a queued task.
     alive: usize,
@@ -111,6 +115,7 @@ impl<T: Send + 'static> WorkerPool<T> {
                 stopping: false,
                 running: HashMap::new(),
                 stuck: HashSet::new(),
+                unreplaced: HashSet::new(),
                 alive: 0,
             }),
             work: Condvar::new(),
@@ -278,6 +283,8 @@ impl<T: Send + 'static> WorkerPool<T> {
         for w in newly_stuck {
             if st.stuck.len() < max_stuck {
                 replace += 1;
+            } else {
+                st.unreplaced.insert(w);
             }
             st.stuck.insert(w);
         }
@@ -429,8 +436,10 @@ fn worker_loop<T>(s: &Shared<T>, index: usize) {
         let retire = {
             let mut st = lock(&s.state);
             st.running.remove(&index);
-            // A replacement took this thread's place while it was stuck.
-            let retire = st.stuck.remove(&index);
+            // A replacement took this thread's place while it was stuck
+            // (none may have: then it serves on).
+            let was_stuck = st.stuck.remove(&index);
+            let retire = was_stuck && !st.unreplaced.remove(&index);
             if retire {
                 st.alive -= 1;
             }
@@ -499,6 +508,29 @@ mod tests {
         });
         started.recv().unwrap();
         tx
+    }
+
+    /// Review finding: past the bound on replacements, a stuck thread was
+    /// marked stuck without a replacement and still retired when it
+    /// returned, so the pool shrank for good (to no thread at all).
+    #[test]
+    fn a_stuck_thread_nobody_replaced_goes_back_to_work() {
+        let mut pool = WorkerPool::<u64>::new(1).unwrap();
+        let later = Instant::now() + Duration::from_secs(1);
+        let limit = Duration::from_millis(10);
+        // One thread, at most 4 replacements: the 5th stuck job's thread
+        // gets none.
+        let mut held = Vec::new();
+        for id in 1..=5 {
+            held.push(blocking_job(&pool, id));
+            assert_eq!(pool.expire(limit, later).stuck, vec![id]);
+        }
+        // The unreplaced one returns; every other thread is still stuck.
+        drop(held.pop());
+        assert_eq!(completions(&pool, 1)[0].id, 5);
+        pool.submit(6, || 6);
+        assert_eq!(completions(&pool, 1)[0].id, 6, "a thread took job 6");
+        drop(held);
     }
 
     #[test]

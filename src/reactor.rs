@@ -135,18 +135,29 @@ impl LogBudget {
 
     /// Whether a warning may be written at `now`.
     fn allow(&mut self, now: Instant) -> bool {
-        if now.duration_since(self.since) >= Duration::from_secs(1) {
-            if self.dropped > 0 {
-                log::warn!("{} more warnings about clients left out", self.dropped);
-            }
-            *self = LogBudget::new(now);
-        }
+        self.roll(now);
         if self.written < Self::PER_SECOND {
             self.written += 1;
             return true;
         }
         self.dropped += 1;
         false
+    }
+
+    /// Starts a new second if this one is over, saying how many warnings
+    /// were left out of it.
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.since) >= Duration::from_secs(1) {
+            if self.dropped > 0 {
+                log::warn!("{} more warnings about clients left out", self.dropped);
+            }
+            *self = LogBudget::new(now);
+        }
+    }
+
+    /// When the count of left-out warnings is due to be said, if any were.
+    fn due(&self) -> Option<Instant> {
+        (self.dropped > 0).then(|| self.since + Duration::from_secs(1))
     }
 }
 
@@ -205,7 +216,10 @@ impl Reactor {
         if !self.backlog.is_empty() {
             return Some(Instant::now());
         }
-        self.accept_paused_until
+        match (self.accept_paused_until, self.warnings.due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Serves the backlog and resumes accepting after an fd-exhaustion
@@ -218,6 +232,8 @@ impl Reactor {
             self.accept_paused_until = None;
             self.accept(svc);
         }
+        // The count of warnings left out is said once their second is over.
+        self.warnings.roll(Instant::now());
     }
 
     /// Stops accepting and reading: only replies to what was read go out.
@@ -547,8 +563,17 @@ mod tests {
         assert_eq!(b.dropped, 1000 - allowed as u64);
         let later = t0 + Duration::from_millis(999);
         assert!(!b.allow(later), "still the same second");
+        assert_eq!(b.due(), Some(t0 + Duration::from_secs(1)));
         let next = t0 + Duration::from_secs(1);
         assert!(b.allow(next), "a new second");
         assert_eq!((b.written, b.dropped), (1, 0));
+        assert_eq!(b.due(), None, "nothing left out to say");
+        // Without a further warning, the timer's roll says the count.
+        for _ in 0..LogBudget::PER_SECOND {
+            b.allow(next);
+        }
+        assert_eq!(b.dropped, 1);
+        b.roll(next + Duration::from_secs(1));
+        assert_eq!((b.dropped, b.due()), (0, None));
     }
 }

@@ -45,7 +45,24 @@ pub(crate) fn open_rw(path: &Path) -> Result<File, OpenError> {
 
 /// Opens the cache file at `path` read-only; `Ok(None)` if there is none.
 pub(crate) fn open_ro(path: &Path) -> io::Result<Option<File>> {
-    let f = match OpenOptions::new().read(true).custom_flags(FLAGS).open(path) {
+    open_ro_with(path, 0)
+}
+
+/// Opens the cache file at `path` read-only, as the daemon does, without
+/// updating the file's access time where this user may (`O_NOATIME` needs
+/// to own the file), for tools that only look at the work dir (`blobmgr
+/// cache ls`).
+pub fn open_ro_untouched(path: &Path) -> io::Result<Option<File>> {
+    match open_ro_with(path, libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open_ro_with(path, 0),
+        r => r,
+    }
+}
+
+/// [`open_ro`] with `extra` open flags.
+fn open_ro_with(path: &Path, extra: i32) -> io::Result<Option<File>> {
+    let flags = FLAGS | extra;
+    let f = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {

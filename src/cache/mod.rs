@@ -14,7 +14,7 @@
 pub mod blob;
 pub mod checksum;
 pub mod disk;
-mod files;
+pub mod files;
 pub mod index;
 pub mod map;
 pub mod readahead;

@@ -26,9 +26,9 @@ use blobmgr::cache::map::{self, MapError, StoredMap};
 use blobmgr::cache::DEFAULT_GRANULE;
 use serde::Serialize;
 use std::collections::BTreeSet;
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -175,29 +175,13 @@ fn parse_any_granule(b: &[u8], boot_id: &[u8; 16]) -> Result<(StoredMap, u64), M
     }
 }
 
-/// Reads a file without updating its access time when we may (O_NOATIME
-/// needs to own the file; otherwise a plain read).
+/// Reads a map file without updating its access time when we may, opened
+/// as the daemon opens cache files (no symlink followed, no FIFO waited
+/// on, a regular file only).
 fn read_untouched(path: &Path) -> io::Result<Vec<u8>> {
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    // Never follow a symlink nor wait on a FIFO left in the work dir.
-    let safe = nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC;
-    let f: File = match open(nix::libc::O_NOATIME | safe) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(safe)?,
-        r => r?,
-    };
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    let len = meta.len();
+    let f = blobmgr::cache::files::open_ro_untouched(path)?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    let len = f.metadata()?.len();
     if len > MAX_MAP {
         return Err(io::Error::other(format!(
             "{len} bytes, too large for a map"

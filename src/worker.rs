@@ -5,7 +5,8 @@
 //! A job that panics is reported as failed, and its thread goes on serving.
 //! A job that runs past its deadline is abandoned: the caller stops waiting
 //! for it and a replacement thread takes its place, so a hung backend cannot
-//! occupy every worker; the stuck thread retires when its job returns.
+//! occupy every worker; the stuck thread retires when its job returns (one
+//! that got no replacement, past the bound on them, goes back to work).
 //!
 //! A job may leave an [`After`] step: work its thread runs once the job's
 //! completion is posted, which nobody waits for (hashing the bytes a fill

@@ -3,7 +3,8 @@
 //! the work dir lock, and the notifications: `READY=1` once the socket
 //! accepts, `WATCHDOG=1` while the reactor answers, `STOPPING=1` when a
 //! stop begins, and for an upgrade `RELOADING=1`, then `MAINPID=` of the
-//! new process before this one exits (or `READY=1` again if it failed). Without a manager every step is a no-op except the lock.
+//! new process before this one exits (or `READY=1` again if it failed).
+//! Without a manager every step is a no-op except the lock.
 
 use crate::cli::Fail;
 use blobmgr::client::Client;

@@ -21,9 +21,10 @@
 //!    is refused.
 //!
 //! If the new binary fails before `READY`, the old one logs why, tells the
-//! manager `READY=1` (the reload is over) and goes on serving. A client of the client library sees no failed call: it retries
-//! on a new connection a request whose connection closed unanswered (every
-//! request kind is idempotent).
+//! manager `READY=1` (the reload is over) and goes on serving. A client of
+//! the client library sees no failed call: it retries on a new connection a
+//! request whose connection closed unanswered (every request kind is
+//! idempotent).
 
 use crate::cli::Fail;
 use blobmgr::client::Client;

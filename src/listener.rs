@@ -345,13 +345,7 @@ mod tests {
         // Fill the backlog: nonblocking connects until one would block.
         let mut queued = Vec::new();
         loop {
-            let c = socket::socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                None,
-            )
-            .unwrap();
+            let c = unix_stream_socket().unwrap();
             match socket::connect(c.as_raw_fd(), &UnixAddr::new(&p).unwrap()) {
                 Ok(()) => queued.push(c),
                 Err(nix::errno::Errno::EAGAIN) => break,
